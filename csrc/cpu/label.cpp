@@ -1,0 +1,348 @@
+// CPU connected-component labeling of `input > threshold`, numbered exactly like scipy.ndimage.label.
+//
+// Algorithm (run-based union-find, per batch item):
+//  1. Scan: every row (z, y) is thresholded into a byte mask and compressed into runs [x0, x1) of
+//     foreground voxels. Rows are split into contiguous chunks, one per thread, so the concatenated
+//     run list is in raster order and run index order equals the order of each run's first voxel.
+//  2. Merge: each run is unioned with the runs it touches in the (up to four) preceding neighbour
+//     rows given by the connectivity (common/connectivity.h), with a two-pointer sweep over the two
+//     sorted run lists. Union links the larger root to the smaller one, so every root is the first
+//     run of its component. Chunks merge in parallel inside themselves (they touch disjoint runs);
+//     rows whose neighbours lie in an earlier chunk are merged afterwards, serially.
+//  3. Number: one pass over runs in order flattens the forest (a run's parent precedes it, so its
+//     parent's parent is already a root) and gives each root the next label: labels 1..K in raster
+//     order of each component's first voxel, which is SciPy's order. With min_size, component sizes
+//     are summed first and small components get label 0; the rest stay consecutive.
+//  4. Write: each row is zero-filled and its runs are painted with their labels (parallel).
+// Cost: one read of the input, one write of the labels, and work proportional to the number of runs.
+// Batch items run in parallel when there are at least as many items as threads; otherwise the chunks
+// of one item run in parallel.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "common/connectivity.h"
+
+namespace lesioncount {
+namespace {
+
+struct Run {
+  int32_t x0;  // first foreground column
+  int32_t x1;  // one past the last foreground column
+};
+
+// Threshold comparison `double(value) > threshold`, rewritten per dtype so the inner loop stays in
+// the input's own precision (and vectorises) while giving exactly the float64 answer.
+template <typename scalar_t>
+struct ForegroundTest {
+  using compare_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  compare_t bound;  // value > threshold  <=>  compare_t(value) > bound
+  explicit ForegroundTest(double threshold) {
+    if constexpr (std::is_same_v<compare_t, double>) {
+      bound = threshold;
+    } else {
+      // Largest float <= threshold: for any float x, x > threshold <=> x > bound.
+      float f = static_cast<float>(threshold);
+      if (static_cast<double>(f) > threshold) f = std::nextafter(f, -std::numeric_limits<float>::infinity());
+      bound = f;
+    }
+  }
+};
+
+constexpr bool is_floating_input(c10::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// Thresholds one row into `mask` (1 byte per voxel). Returns true if any voxel is foreground; sets
+// `saw_nan` when a NaN is present.
+template <typename scalar_t>
+inline bool threshold_row(const scalar_t* row, int64_t width, const ForegroundTest<scalar_t>& test,
+                          uint8_t* mask, bool& saw_nan) {
+  using compare_t = typename ForegroundTest<scalar_t>::compare_t;
+  const compare_t bound = test.bound;
+  uint8_t any = 0;
+  uint8_t nan = 0;
+  for (int64_t x = 0; x < width; ++x) {
+    const compare_t v = static_cast<compare_t>(row[x]);
+    const uint8_t fg = v > bound;
+    mask[x] = fg;
+    any |= fg;
+    if constexpr (!std::is_integral_v<scalar_t> && !std::is_same_v<scalar_t, bool>) nan |= (v != v);
+  }
+  if (nan) saw_nan = true;
+  return any != 0;
+}
+
+// Appends the runs of a thresholded row.
+inline void extract_runs(const uint8_t* mask, int32_t width, std::vector<Run>& runs) {
+  int32_t x = 0;
+  while (x < width) {
+    // Skip background eight bytes at a time.
+    while (x + 8 <= width) {
+      uint64_t word;
+      std::memcpy(&word, mask + x, 8);
+      if (word != 0) break;
+      x += 8;
+    }
+    while (x < width && !mask[x]) ++x;
+    if (x >= width) break;
+    const int32_t start = x;
+    while (x < width && mask[x]) ++x;
+    runs.push_back({start, x});
+  }
+}
+
+template <typename index_t>
+inline index_t find_root(index_t* parent, index_t i) {
+  while (parent[i] != i) {
+    parent[i] = parent[parent[i]];  // path halving
+    i = parent[i];
+  }
+  return i;
+}
+
+// Union that keeps the smaller index as the root, so a root is its component's first run.
+template <typename index_t>
+inline void unite(index_t* parent, index_t a, index_t b) {
+  a = find_root(parent, a);
+  b = find_root(parent, b);
+  if (a < b) parent[b] = a;
+  else if (b < a) parent[a] = b;
+}
+
+// Unions runs [cur_begin, cur_end) of one row with the touching runs [nb_begin, nb_end) of a
+// preceding neighbour row.
+template <typename index_t>
+inline void merge_rows(const Run* runs, index_t* parent, index_t cur_begin, index_t cur_end,
+                       index_t nb_begin, index_t nb_end, int reach) {
+  index_t i = cur_begin, j = nb_begin;
+  while (i < cur_end && j < nb_end) {
+    const Run a = runs[i], b = runs[j];
+    if (b.x1 - 1 + reach < a.x0) { ++j; continue; }
+    if (a.x1 - 1 + reach < b.x0) { ++i; continue; }
+    unite(parent, i, j);
+    if (a.x1 < b.x1) ++i; else ++j;
+  }
+}
+
+// Labels one batch item. `labels_out` has depth*height*width entries.
+template <typename scalar_t, typename label_t, typename index_t>
+int64_t label_item(const scalar_t* input, label_t* labels_out, int64_t depth, int64_t height,
+                   int64_t width, double threshold, int connectivity, int64_t min_size,
+                   bool& saw_nan, bool allow_parallel) {
+  const int64_t num_rows = depth * height;
+  const ForegroundTest<scalar_t> test(threshold);
+  PrecedingRow neighbours[4];
+  const int num_neighbours = preceding_rows(connectivity, neighbours);
+
+  // ---- 1. scan rows into runs, one chunk of rows per task ----
+  int64_t num_chunks = 1;
+  if (allow_parallel && !at::in_parallel_region()) {
+    const int64_t voxels = num_rows * width;
+    num_chunks = std::max<int64_t>(1, std::min<int64_t>({(int64_t)at::get_num_threads(), num_rows,
+                                                         voxels / (1 << 16)}));
+  }
+  std::vector<std::vector<Run>> chunk_runs(num_chunks);
+  std::vector<index_t> row_begin(num_rows + 1);  // first run index of each row (global)
+  std::vector<int64_t> chunk_first_row(num_chunks + 1);
+  for (int64_t c = 0; c <= num_chunks; ++c) chunk_first_row[c] = num_rows * c / num_chunks;
+  std::vector<uint8_t> chunk_nan(num_chunks, 0);
+
+  at::parallel_for(0, num_chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+    std::vector<uint8_t> mask(width + 8);
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      std::vector<Run>& runs = chunk_runs[c];
+      bool nan = false;
+      for (int64_t r = chunk_first_row[c]; r < chunk_first_row[c + 1]; ++r) {
+        row_begin[r] = static_cast<index_t>(runs.size());  // local for now
+        if (threshold_row(input + r * width, width, test, mask.data(), nan))
+          extract_runs(mask.data(), static_cast<int32_t>(width), runs);
+      }
+      chunk_nan[c] = nan;
+    }
+  });
+  for (int64_t c = 0; c < num_chunks; ++c)
+    if (chunk_nan[c]) saw_nan = true;
+  if (saw_nan) return 0;
+
+  // Concatenate the chunks' runs (raster order) and make row_begin global.
+  std::vector<int64_t> chunk_offset(num_chunks + 1, 0);
+  for (int64_t c = 0; c < num_chunks; ++c) chunk_offset[c + 1] = chunk_offset[c] + chunk_runs[c].size();
+  const int64_t num_runs = chunk_offset[num_chunks];
+  TORCH_CHECK(num_runs < static_cast<int64_t>(std::numeric_limits<index_t>::max()),
+              "label: too many foreground runs for the index type");
+  std::vector<Run> runs_storage;
+  const Run* runs;
+  if (num_chunks == 1) {
+    runs = chunk_runs[0].data();
+  } else {
+    runs_storage.resize(num_runs);
+    at::parallel_for(0, num_chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+      for (int64_t c = c_begin; c < c_end; ++c) {
+        std::copy(chunk_runs[c].begin(), chunk_runs[c].end(), runs_storage.begin() + chunk_offset[c]);
+        for (int64_t r = chunk_first_row[c]; r < chunk_first_row[c + 1]; ++r)
+          row_begin[r] += static_cast<index_t>(chunk_offset[c]);
+      }
+    });
+    runs = runs_storage.data();
+  }
+  row_begin[num_rows] = static_cast<index_t>(num_runs);
+  if (num_runs == 0) {
+    std::fill(labels_out, labels_out + num_rows * width, label_t(0));
+    return 0;
+  }
+
+  // ---- 2. union runs with the touching runs of preceding neighbour rows ----
+  std::vector<index_t> parent(num_runs);
+  for (int64_t i = 0; i < num_runs; ++i) parent[i] = static_cast<index_t>(i);
+
+  // Merges row r with its neighbour rows whose index lies in [min_row, max_row).
+  auto merge_row = [&](int64_t r, int64_t min_row, int64_t max_row) {
+    const index_t cur_begin = row_begin[r], cur_end = row_begin[r + 1];
+    if (cur_begin == cur_end) return;
+    const int64_t z = r / height, y = r % height;
+    for (int n = 0; n < num_neighbours; ++n) {
+      const int64_t nz = z + neighbours[n].dz, ny = y + neighbours[n].dy;
+      if (nz < 0 || ny < 0 || ny >= height) continue;
+      const int64_t nr = nz * height + ny;
+      if (nr < min_row || nr >= max_row) continue;
+      merge_rows(runs, parent.data(), cur_begin, cur_end, row_begin[nr], row_begin[nr + 1],
+                 neighbours[n].reach);
+    }
+  };
+  at::parallel_for(0, num_chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c)
+      for (int64_t r = chunk_first_row[c]; r < chunk_first_row[c + 1]; ++r)
+        merge_row(r, chunk_first_row[c], r);
+  });
+  // Rows whose neighbours lie in an earlier chunk (at most height + 1 rows per chunk boundary).
+  for (int64_t c = 1; c < num_chunks; ++c) {
+    const int64_t first = chunk_first_row[c];
+    const int64_t last = std::min(chunk_first_row[c + 1], first + height + 1);
+    for (int64_t r = first; r < last; ++r) merge_row(r, 0, first);
+  }
+
+  // ---- 3. number components in order of their first run ----
+  // After this loop parent[i] is the root of run i.
+  std::vector<label_t> root_label(num_runs, label_t(0));
+  int64_t num_components = 0;
+  if (min_size <= 1) {
+    for (int64_t i = 0; i < num_runs; ++i) {
+      if (parent[i] == static_cast<index_t>(i)) {
+        root_label[i] = static_cast<label_t>(++num_components);
+      } else {
+        parent[i] = parent[parent[i]];
+      }
+    }
+  } else {
+    std::vector<int64_t> size(num_runs, 0);
+    for (int64_t i = 0; i < num_runs; ++i) {
+      if (parent[i] != static_cast<index_t>(i)) parent[i] = parent[parent[i]];
+      size[parent[i]] += runs[i].x1 - runs[i].x0;
+    }
+    for (int64_t i = 0; i < num_runs; ++i)
+      if (parent[i] == static_cast<index_t>(i) && size[i] >= min_size)
+        root_label[i] = static_cast<label_t>(++num_components);
+  }
+
+  // ---- 4. write labels row by row ----
+  at::parallel_for(0, num_chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      for (int64_t r = chunk_first_row[c]; r < chunk_first_row[c + 1]; ++r) {
+        label_t* out_row = labels_out + r * width;
+        std::memset(out_row, 0, sizeof(label_t) * width);
+        for (index_t i = row_begin[r]; i < row_begin[r + 1]; ++i) {
+          const label_t lab = root_label[parent[i]];
+          if (lab == 0) continue;
+          std::fill(out_row + runs[i].x0, out_row + runs[i].x1, lab);
+        }
+      }
+    }
+  });
+  return num_components;
+}
+
+std::tuple<at::Tensor, at::Tensor> label_cpu(const at::Tensor& input, double threshold,
+                                            int64_t connectivity, int64_t min_size) {
+  TORCH_CHECK(input.dim() == 3 || input.dim() == 4,
+              "label: `input` must have shape (B, H, W) for 2D or (B, D, H, W) for 3D, got ",
+              input.dim(), " dimensions ", input.sizes());
+  const int spatial_rank = static_cast<int>(input.dim()) - 1;
+  TORCH_CHECK(is_valid_connectivity(spatial_rank, connectivity), "label: `connectivity` must be ",
+              spatial_rank == 2 ? "4 or 8 for 2D input" : "6, 18 or 26 for 3D input", ", got ",
+              connectivity);
+  TORCH_CHECK(min_size >= 0, "label: `min_size` must be >= 0, got ", min_size);
+  TORCH_CHECK(!std::isnan(threshold), "label: `threshold` must not be NaN");
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK(dtype == at::kBool || dtype == at::kByte || is_floating_input(dtype),
+              "label: `input` dtype must be bool, uint8, float16, bfloat16, float32 or float64, got ",
+              dtype);
+  TORCH_CHECK(input.device().is_cpu(), "label: expected a CPU tensor for `input`");
+
+  const at::Tensor x = input.contiguous();
+  const int64_t batch = x.size(0);
+  const int64_t depth = spatial_rank == 3 ? x.size(1) : 1;
+  const int64_t height = x.size(-2), width = x.size(-1);
+  const int64_t item_voxels = depth * height * width;
+  TORCH_CHECK(width < std::numeric_limits<int32_t>::max(), "label: `input` rows are too long");
+  const bool wide = item_voxels >= (int64_t(1) << 31);
+  at::Tensor labels = at::empty(x.sizes(), x.options().dtype(wide ? at::kLong : at::kInt));
+  at::Tensor num = at::zeros({batch}, x.options().dtype(at::kLong));
+  if (batch == 0 || item_voxels == 0) return {labels.zero_(), num};
+
+  int64_t* num_ptr = num.data_ptr<int64_t>();
+  std::vector<uint8_t> item_nan(batch, 0);
+  const bool items_in_parallel = batch >= at::get_num_threads() && batch > 1;
+
+  auto dispatch = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* in_ptr = static_cast<const scalar_t*>(x.const_data_ptr());
+    auto run_item = [&](int64_t b) {
+      bool nan = false;
+      if (wide) {
+        num_ptr[b] = label_item<scalar_t, int64_t, int64_t>(
+            in_ptr + b * item_voxels, labels.data_ptr<int64_t>() + b * item_voxels, depth, height,
+            width, threshold, (int)connectivity, min_size, nan, !items_in_parallel);
+      } else {
+        num_ptr[b] = label_item<scalar_t, int32_t, int32_t>(
+            in_ptr + b * item_voxels, labels.data_ptr<int32_t>() + b * item_voxels, depth, height,
+            width, threshold, (int)connectivity, min_size, nan, !items_in_parallel);
+      }
+      item_nan[b] = nan;
+    };
+    if (items_in_parallel) {
+      at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) run_item(b);
+      });
+    } else {
+      for (int64_t b = 0; b < batch; ++b) run_item(b);
+    }
+  };
+  switch (dtype) {
+    case at::kFloat: dispatch(float{}); break;
+    case at::kDouble: dispatch(double{}); break;
+    case at::kHalf: dispatch(at::Half{}); break;
+    case at::kBFloat16: dispatch(at::BFloat16{}); break;
+    case at::kByte: dispatch(uint8_t{}); break;
+    case at::kBool: dispatch(bool{}); break;
+    default: TORCH_CHECK(false, "label: unsupported dtype ", dtype);
+  }
+  for (int64_t b = 0; b < batch; ++b)
+    TORCH_CHECK(!item_nan[b], "label: `input` contains NaN (batch item ", b, ")");
+  return {labels, num};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lesioncount, CPU, m) { m.impl("label", &label_cpu); }
+
+}  // namespace lesioncount

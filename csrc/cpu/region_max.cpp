@@ -1,0 +1,173 @@
+// CPU fused per-region max and argmax.
+//
+// For every batch item, one pass over its voxels in flat order keeps, per label r > 0, the largest
+// value seen and the flat index where it was first reached (a strictly larger value replaces it, an
+// equal one does not, so ties go to the smallest index). When a batch has fewer items than threads,
+// an item's voxels are split into contiguous chunks with their own per-region partial results,
+// merged afterwards in chunk order (again only a strictly larger value wins), which preserves the
+// smallest-index tie rule. Absent regions get value 0 and argmax -1. Memory: O(num_regions) per
+// chunk. The backward pass (Python) scatters one gradient per region to its argmax voxel.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace lesioncount {
+namespace {
+
+template <typename scalar_t>
+struct RegionBest {
+  std::vector<scalar_t> value;
+  std::vector<int64_t> index;  // -1 while the region has not been seen
+  explicit RegionBest(int64_t n) : value(n, scalar_t(0)), index(n, -1) {}
+};
+
+// Scans voxels [begin, end) of one item. Returns false (and stops) on a bad label or a NaN value,
+// reporting it through `bad_label` / `saw_nan`.
+template <typename scalar_t, typename label_t>
+bool scan_range(const scalar_t* values, const label_t* labels, int64_t begin, int64_t end,
+                int64_t num_regions, scalar_t* best_value, int64_t* best_index, int64_t& bad_label,
+                bool& saw_nan) {
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t lab = static_cast<int64_t>(labels[i]);
+    if (lab == 0) continue;
+    if (lab < 0 || lab > num_regions) {
+      bad_label = lab;
+      return false;
+    }
+    const scalar_t v = values[i];
+    if (v != v) {
+      saw_nan = true;
+      return false;
+    }
+    const int64_t r = lab - 1;
+    if (best_index[r] < 0 || v > best_value[r]) {
+      best_value[r] = v;
+      best_index[r] = i;
+    }
+  }
+  return true;
+}
+
+std::tuple<at::Tensor, at::Tensor> region_max_cpu(const at::Tensor& input, const at::Tensor& labels,
+                                                 int64_t num_regions) {
+  TORCH_CHECK(input.dim() >= 1, "region_max: `input` must have a batch dimension, got a scalar");
+  TORCH_CHECK(labels.sizes() == input.sizes(), "region_max: `labels` must have the shape of `input` ",
+              input.sizes(), ", got ", labels.sizes());
+  TORCH_CHECK(labels.scalar_type() == at::kInt || labels.scalar_type() == at::kLong,
+              "region_max: `labels` must be int32 or int64, got ", labels.scalar_type());
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
+              "region_max: `input` must be a floating tensor, got ", input.scalar_type());
+  TORCH_CHECK(num_regions >= 0, "region_max: `num_regions` must be >= 0, got ", num_regions);
+  TORCH_CHECK(input.device().is_cpu() && labels.device().is_cpu(),
+              "region_max: `input` and `labels` must both be CPU tensors here, got ", input.device(),
+              " and ", labels.device());
+
+  const int64_t batch = input.size(0);
+  const int64_t item_voxels = batch == 0 ? 0 : input.numel() / batch;
+  const at::Tensor x = input.contiguous();
+  const at::Tensor lab = labels.contiguous();
+  at::Tensor values = at::zeros({batch, num_regions}, x.options());
+  at::Tensor argmax = at::full({batch, num_regions}, -1, x.options().dtype(at::kLong));
+  if (batch == 0 || num_regions == 0 || item_voxels == 0) {
+    if (num_regions == 0 && item_voxels > 0 && batch > 0) {
+      // Still reject labels that name regions that do not exist.
+      TORCH_CHECK(lab.max().item<int64_t>() <= 0 && lab.min().item<int64_t>() >= 0,
+                  "region_max: `labels` must lie in [0, num_regions=0]");
+    }
+    return {values, argmax};
+  }
+
+  const int threads = at::get_num_threads();
+  const bool items_in_parallel = batch >= threads;
+  std::vector<int64_t> bad_label(batch, 0);
+  std::vector<uint8_t> item_nan(batch, 0);
+  std::vector<uint8_t> item_ok(batch, 1);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lesioncount_region_max", [&] {
+    auto with_labels = [&](auto label_tag) {
+      using label_t = decltype(label_tag);
+      const scalar_t* xv = x.data_ptr<scalar_t>();
+      const label_t* lv = lab.data_ptr<label_t>();
+      scalar_t* out_v = values.data_ptr<scalar_t>();
+      int64_t* out_i = argmax.data_ptr<int64_t>();
+
+      auto run_item = [&](int64_t b, bool split) {
+        const scalar_t* item_x = xv + b * item_voxels;
+        const label_t* item_l = lv + b * item_voxels;
+        scalar_t* bv = out_v + b * num_regions;
+        int64_t* bi = out_i + b * num_regions;
+        bool nan = false;
+        int64_t bad = 0;
+        int64_t chunks = split ? std::max<int64_t>(1, std::min<int64_t>(threads, item_voxels / (1 << 16))) : 1;
+        if (chunks == 1) {
+          item_ok[b] = scan_range(item_x, item_l, 0, item_voxels, num_regions, bv, bi, bad, nan);
+        } else {
+          std::vector<RegionBest<scalar_t>> partial;
+          partial.reserve(chunks);
+          for (int64_t c = 0; c < chunks; ++c) partial.emplace_back(num_regions);
+          std::vector<uint8_t> ok(chunks, 1), chunk_nan(chunks, 0);
+          std::vector<int64_t> chunk_bad(chunks, 0);
+          at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+            for (int64_t c = c0; c < c1; ++c) {
+              bool n = false;
+              ok[c] = scan_range(item_x, item_l, item_voxels * c / chunks, item_voxels * (c + 1) / chunks,
+                                 num_regions, partial[c].value.data(), partial[c].index.data(),
+                                 chunk_bad[c], n);
+              chunk_nan[c] = n;
+            }
+          });
+          for (int64_t c = 0; c < chunks; ++c) {
+            if (!ok[c]) {
+              item_ok[b] = 0;
+              nan = nan || chunk_nan[c];
+              if (chunk_bad[c] != 0) bad = chunk_bad[c];
+            }
+          }
+          // Merge in chunk order: a later chunk wins only with a strictly larger value.
+          for (int64_t c = 0; c < chunks; ++c) {
+            const auto& pv = partial[c].value;
+            const auto& pi = partial[c].index;
+            for (int64_t r = 0; r < num_regions; ++r) {
+              if (pi[r] < 0) continue;
+              if (bi[r] < 0 || pv[r] > bv[r]) {
+                bv[r] = pv[r];
+                bi[r] = pi[r];
+              }
+            }
+          }
+        }
+        item_nan[b] = nan;
+        bad_label[b] = bad;
+      };
+      if (items_in_parallel) {
+        at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
+          for (int64_t b = b0; b < b1; ++b) run_item(b, false);
+        });
+      } else {
+        for (int64_t b = 0; b < batch; ++b) run_item(b, true);
+      }
+    };
+    if (lab.scalar_type() == at::kInt) with_labels(int32_t{});
+    else with_labels(int64_t{});
+  });
+
+  for (int64_t b = 0; b < batch; ++b) {
+    if (item_ok[b]) continue;
+    TORCH_CHECK(!item_nan[b], "region_max: `input` contains NaN inside a region (batch item ", b, ")");
+    TORCH_CHECK(false, "region_max: `labels` must lie in [0, num_regions=", num_regions, "], found ",
+                bad_label[b], " in batch item ", b);
+  }
+  return {values, argmax};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lesioncount, CPU, m) { m.impl("region_max", &region_max_cpu); }
+
+}  // namespace lesioncount

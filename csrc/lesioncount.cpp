@@ -1,0 +1,17 @@
+// Operator schemas of the lesioncount library, defined once for every backend.
+//
+// Backend files (cpu/*.cpp, cuda/*.cu + their .cpp launchers) register only their own kernels with
+// TORCH_LIBRARY_IMPL, so a CPU-only build needs no #ifdef here. Fake (meta) kernels and autograd
+// are attached from Python (python/lesioncount/_ops.py).
+#include <torch/library.h>
+
+TORCH_LIBRARY(lesioncount, m) {
+  // Connected components of `input > threshold` per batch item, numbered like scipy.ndimage.label.
+  m.def("label(Tensor input, float threshold, int connectivity, int min_size) -> (Tensor labels, Tensor num)");
+  // Per-region maximum and the first flat index reaching it; column r-1 holds label r.
+  m.def("region_max(Tensor input, Tensor labels, int num_regions) -> (Tensor values, Tensor argmax)");
+  // Truncated Poisson-binomial pmf (bins 0..M-1 and a tail bin P(C >= M)) of independent Bernoullis.
+  m.def("poisson_binomial(Tensor probs, int max_count, bool log_space, bool from_logits) -> Tensor");
+  // Vector-Jacobian product of poisson_binomial with respect to `probs`.
+  m.def("_poisson_binomial_backward(Tensor grad, Tensor probs, int max_count, bool log_space, bool from_logits) -> Tensor");
+}
