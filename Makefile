@@ -1,0 +1,35 @@
+# `make demo` / `make test` create the virtual environment when it is missing, build, and run.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.torchinductor_cache
+
+.PHONY: demo test bench env build clean
+
+$(VENV)/.deps: requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+env: $(VENV)/.deps
+
+$(VENV)/.built: $(VENV)/.deps pyproject.toml CMakeLists.txt $(shell find csrc python -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.py' 2>/dev/null)
+	$(PY) -m pip install -q --no-build-isolation -e .
+	touch $@
+
+build: $(VENV)/.built
+
+demo: build
+	$(VENV)/bin/lesioncount demo
+
+test: build
+	$(PY) -m pytest -q tests
+
+bench: build
+	$(PY) -m pytest -q benchmarks/bench_label.py benchmarks/bench_count.py --benchmark-json=out/bench.json
+
+clean:
+	rm -rf build $(VENV) .pytest_cache .benchmarks .torchinductor_cache
