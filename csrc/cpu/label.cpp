@@ -320,7 +320,8 @@ std::tuple<at::Tensor, at::Tensor> label_cpu(const at::Tensor& input, double thr
 
   int64_t* num_ptr = num.data_ptr<int64_t>();
   std::vector<uint8_t> item_nan(batch, 0);
-  const bool items_in_parallel = batch >= at::get_num_threads() && batch > 1;
+  // Whole items per thread when there are enough of them and they are worth a thread.
+  const bool items_in_parallel = batch >= at::get_num_threads() && batch > 1 && item_voxels >= (1 << 14);
 
   auto dispatch = [&](auto tag) {
     using scalar_t = decltype(tag);

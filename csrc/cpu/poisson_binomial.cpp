@@ -67,6 +67,11 @@ int64_t read_candidates(const scalar_t* x, int64_t K, bool log_space, bool from_
   return -1;
 }
 
+// Batch items per parallel task: enough work (~64k DP cells) that waking a thread pays off.
+inline int64_t items_per_task(int64_t K, int64_t M) {
+  return std::max<int64_t>(1, (int64_t(1) << 16) / ((K + 1) * (M + 1)));
+}
+
 inline void initial_state(double* f, int64_t M, bool log_space) {
   for (int64_t j = 0; j <= M; ++j) f[j] = log_space ? neg_inf() : 0.0;
   f[0] = log_space ? 0.0 : 1.0;
@@ -104,7 +109,7 @@ at::Tensor poisson_binomial_cpu(const at::Tensor& probs, int64_t max_count, bool
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lesioncount_pb_forward", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     double* op = out64.data_ptr<double>();
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, B, items_per_task(K, M), [&](int64_t b0, int64_t b1) {
       CandidateFactors c;
       for (int64_t b = b0; b < b1; ++b) {
         double* f = op + b * (M + 1);
@@ -217,7 +222,7 @@ at::Tensor poisson_binomial_backward_cpu(const at::Tensor& grad, const at::Tenso
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const double* gp = g64.data_ptr<double>();
     double* op = out64.data_ptr<double>();
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, B, items_per_task(K, M), [&](int64_t b0, int64_t b1) {
       CandidateFactors c;
       for (int64_t b = b0; b < b1; ++b) {
         bad[b] = read_candidates(xp + b * K, K, log_space, from_logits, c);

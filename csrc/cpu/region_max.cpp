@@ -84,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor> region_max_cpu(const at::Tensor& input, const
   }
 
   const int threads = at::get_num_threads();
-  const bool items_in_parallel = batch >= threads;
+  const bool items_in_parallel = batch >= threads && item_voxels >= (1 << 14);
   std::vector<int64_t> bad_label(batch, 0);
   std::vector<uint8_t> item_nan(batch, 0);
   std::vector<uint8_t> item_ok(batch, 1);
