@@ -1,0 +1,333 @@
+"""Pure torch / SciPy reference implementations of every lesioncount op.
+
+These are used for two things:
+
+* the fallback when the compiled library cannot be loaded (or is disabled with
+  ``LESIONCOUNT_DISABLE_OPS=1``), and
+* the oracle the test-suite compares the compiled ops against.
+
+They favour clarity and exactness over speed: labelling goes through ``scipy.ndimage.label``
+item by item (on the CPU), ``region_max`` is a couple of vectorised ``scatter_reduce`` calls,
+and the Poisson-binomial DP loops over candidates in float64 (or in log space) with ordinary
+torch ops, so autograd differentiates it without any custom backward.
+
+Inputs are expected in canonical form (see ``docs/API.md``): rank 3 means 2D ``(B, H, W)``,
+rank 4 means 3D ``(B, D, H, W)``. Argument validation here is deliberately light; the public
+wrappers validate fully.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "CONNECTIVITY_TO_RANK",
+    "label",
+    "region_max",
+    "region_max_backward",
+    "poisson_binomial",
+    "poisson_binomial_bruteforce",
+]
+
+# neighbour count -> (spatial rank, scipy generate_binary_structure connectivity)
+CONNECTIVITY_TO_RANK = {
+    4: (2, 1),
+    8: (2, 2),
+    6: (3, 1),
+    18: (3, 2),
+    26: (3, 3),
+}
+
+_LABEL_DTYPES = (
+    torch.bool,
+    torch.uint8,
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+)
+
+
+def _structure(spatial_rank: int, connectivity: int) -> np.ndarray:
+    import scipy.ndimage as ndi
+
+    valid = {c: r for c, (rank, r) in CONNECTIVITY_TO_RANK.items() if rank == spatial_rank}
+    if connectivity not in valid:
+        raise ValueError(
+            f"connectivity={connectivity} is not valid for {spatial_rank}D input; "
+            f"expected one of {sorted(valid)}"
+        )
+    return ndi.generate_binary_structure(spatial_rank, valid[connectivity])
+
+
+# --------------------------------------------------------------------------------------------
+# label
+# --------------------------------------------------------------------------------------------
+
+
+def label(input: Tensor, threshold: float, connectivity: int, min_size: int) -> Tuple[Tensor, Tensor]:
+    """Connected-component labelling of ``input > threshold``, per batch item.
+
+    Returns ``(labels, num)``: labels int32 (int64 if an item has >= 2**31 voxels) with the
+    same shape as ``input``, numbered like ``scipy.ndimage.label`` (raster order of the first
+    voxel), and ``num`` int64 ``(B,)``. Components with fewer than ``min_size`` voxels are
+    removed and the rest renumbered consecutively in the same order.
+    """
+    import scipy.ndimage as ndi
+
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
+    if input.dim() not in (3, 4):
+        raise ValueError(
+            f"input must have rank 3 (B, H, W) or 4 (B, D, H, W), got shape {tuple(input.shape)}"
+        )
+    if input.dtype not in _LABEL_DTYPES:
+        raise ValueError(f"input dtype {input.dtype} is not supported by label")
+    if int(min_size) < 0:
+        raise ValueError(f"min_size must be >= 0, got {min_size}")
+    spatial_rank = input.dim() - 1
+    structure = _structure(spatial_rank, int(connectivity))
+
+    device = input.device
+    B = input.shape[0]
+    spatial = tuple(input.shape[1:])
+    nvox = math.prod(spatial)
+    out_np_dtype = np.int64 if nvox >= 2**31 else np.int32
+    out_torch_dtype = torch.int64 if nvox >= 2**31 else torch.int32
+
+    if input.is_floating_point() and B > 0 and bool(torch.isnan(input).any()):
+        raise ValueError("input contains NaN")
+
+    fg = (input.detach().to(torch.float64) > float(threshold)).cpu().numpy()
+    labels_np = np.zeros((B,) + spatial, dtype=out_np_dtype)
+    num_np = np.zeros((B,), dtype=np.int64)
+    for b in range(B):
+        out = np.zeros(spatial, dtype=out_np_dtype)
+        n = ndi.label(fg[b], structure=structure, output=out)
+        n = int(n)
+        if min_size > 0 and n > 0:
+            sizes = np.bincount(out.ravel(), minlength=n + 1)
+            keep = sizes >= min_size
+            keep[0] = False
+            remap = np.zeros(n + 1, dtype=out_np_dtype)
+            remap[keep] = np.arange(1, int(keep.sum()) + 1, dtype=out_np_dtype)
+            out = remap[out]
+            n = int(keep.sum())
+        labels_np[b] = out
+        num_np[b] = n
+
+    labels = torch.from_numpy(labels_np).to(device=device, dtype=out_torch_dtype)
+    num = torch.from_numpy(num_np).to(device)
+    return labels, num
+
+
+# --------------------------------------------------------------------------------------------
+# region_max
+# --------------------------------------------------------------------------------------------
+
+
+def _region_argmax(input: Tensor, labels: Tensor, num_regions: int) -> Tuple[Tensor, Tensor]:
+    """argmax (B, R) int64 (-1 where absent) and the presence mask (B, R) bool. No autograd."""
+    B = input.shape[0]
+    R = int(num_regions)
+    x = input.detach().reshape(B, math.prod(input.shape[1:]))
+    lab = labels.reshape(B, math.prod(labels.shape[1:])).to(torch.int64)
+    N = x.shape[1]
+    if B == 0 or R == 0 or N == 0:
+        return (
+            torch.full((B, R), -1, dtype=torch.int64, device=input.device),
+            torch.zeros((B, R), dtype=torch.bool, device=input.device),
+        )
+    if bool((lab < 0).any()) or bool((lab > R).any()):
+        raise ValueError(f"labels must lie in [0, num_regions={R}]")
+    if x.is_floating_point() and bool(torch.isnan(x[lab > 0]).any()):
+        raise ValueError("input contains NaN inside a labelled region")
+    # one bucket per (item, label); label 0 (background) is bucket 0 of each item and dropped
+    seg = lab + (R + 1) * torch.arange(B, device=lab.device, dtype=torch.int64).unsqueeze(1)
+    seg = seg.reshape(-1)
+    xf = x.reshape(-1)
+    nseg = B * (R + 1)
+    count = torch.zeros(nseg, dtype=torch.int64, device=x.device).scatter_add_(
+        0, seg, torch.ones_like(seg)
+    )
+    vmax = torch.zeros(nseg, dtype=x.dtype, device=x.device).scatter_reduce(
+        0, seg, xf, reduce="amax", include_self=False
+    )
+    flat = torch.arange(N, device=x.device, dtype=torch.int64).repeat(B)
+    cand = torch.where(xf == vmax[seg], flat, torch.full_like(flat, N))
+    amin = torch.full((nseg,), N, dtype=torch.int64, device=x.device).scatter_reduce(
+        0, seg, cand, reduce="amin", include_self=True
+    )
+    present = (count > 0).reshape(B, R + 1)[:, 1:]
+    argmax = amin.reshape(B, R + 1)[:, 1:]
+    argmax = torch.where(present, argmax, torch.full_like(argmax, -1))
+    return argmax.contiguous(), present.contiguous()
+
+
+def region_max(input: Tensor, labels: Tensor, num_regions: int) -> Tuple[Tensor, Tensor]:
+    """Per-item, per-label max of ``input`` and the smallest flat index reaching it.
+
+    ``values`` (B, num_regions) in ``input.dtype`` and ``argmax`` (B, num_regions) int64; column
+    ``r-1`` is label ``r``; absent labels give value 0 and argmax -1. ``values`` is differentiable
+    in ``input`` through ordinary autograd (a gather at ``argmax``), so the gradient is sparse:
+    exactly one voxel per present region.
+    """
+    if input.shape != labels.shape:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} must equal input shape {tuple(input.shape)}"
+        )
+    if int(num_regions) < 0:
+        raise ValueError(f"num_regions must be >= 0, got {num_regions}")
+    B = input.shape[0]
+    R = int(num_regions)
+    argmax, present = _region_argmax(input, labels, R)
+    x = input.reshape(B, math.prod(input.shape[1:]))
+    if x.shape[1] == 0 or R == 0:
+        return torch.zeros((B, R), dtype=input.dtype, device=input.device), argmax
+    gathered = x.gather(1, argmax.clamp(min=0))
+    values = torch.where(present, gathered, torch.zeros_like(gathered))
+    return values, argmax
+
+
+def region_max_backward(grad_values: Tensor, argmax: Tensor, input_shape) -> Tensor:
+    """Sparse backward of region_max: scatter ``grad_values`` to the argmax voxel of each region.
+
+    Absent regions (argmax -1) contribute nothing. Returns a tensor of ``input_shape``.
+    """
+    input_shape = tuple(input_shape)
+    B = input_shape[0]
+    grad = torch.zeros((B, math.prod(input_shape[1:])), dtype=grad_values.dtype, device=grad_values.device)
+    if argmax.numel() == 0 or grad.shape[1] == 0:
+        return grad.reshape(input_shape)
+    present = argmax >= 0
+    idx = argmax.clamp(min=0)
+    src = torch.where(present, grad_values, torch.zeros_like(grad_values))
+    grad.scatter_add_(1, idx, src)
+    return grad.reshape(input_shape)
+
+
+# --------------------------------------------------------------------------------------------
+# poisson_binomial
+# --------------------------------------------------------------------------------------------
+
+
+def _logaddexp(a: Tensor, b: Tensor) -> Tensor:
+    """log(exp(a) + exp(b)) with finite gradients when both are -inf (gradient 0 there)."""
+    m = torch.maximum(a, b).detach()
+    finite = torch.isfinite(m)
+    m_safe = torch.where(finite, m, torch.zeros_like(m))
+    s = torch.exp(a - m_safe) + torch.exp(b - m_safe)
+    pos = s > 0
+    s_safe = torch.where(pos, s, torch.ones_like(s))
+    return torch.where(pos, m_safe + torch.log(s_safe), torch.full_like(s, -math.inf))
+
+
+def _safe_log(x: Tensor) -> Tensor:
+    """log(x) for x >= 0, -inf at 0 with a zero (not NaN) gradient there."""
+    pos = x > 0
+    return torch.where(pos, torch.log(torch.where(pos, x, torch.ones_like(x))), torch.full_like(x, -math.inf))
+
+
+def _safe_log1m(x: Tensor) -> Tensor:
+    """log(1 - x) for x <= 1, -inf at 1 with a zero (not NaN) gradient there."""
+    lt1 = x < 1
+    return torch.where(
+        lt1, torch.log1p(-torch.where(lt1, x, torch.zeros_like(x))), torch.full_like(x, -math.inf)
+    )
+
+
+def poisson_binomial(probs: Tensor, max_count: int, log_space: bool, from_logits: bool) -> Tensor:
+    """Truncated Poisson-binomial pmf of ``C = sum_k Bernoulli(p_k)``.
+
+    ``probs`` (B, K) -> (B, M+1) with M = ``max_count``: bins 0..M-1 hold P(C = j) and bin M
+    holds the tail P(C >= M). Computed in float64 (or in log space when ``log_space``, in which
+    case log-probabilities are returned); the output is cast to ``probs.dtype``. With
+    ``from_logits`` the input is read as logits ``z``, ``p = sigmoid(z)``.
+    Differentiable through ordinary autograd.
+    """
+    if probs.dim() != 2:
+        raise ValueError(f"probs must have shape (B, K), got {tuple(probs.shape)}")
+    if not probs.is_floating_point():
+        raise ValueError(f"probs must be floating point, got {probs.dtype}")
+    M = int(max_count)
+    if M < 0:
+        raise ValueError(f"max_count must be >= 0, got {max_count}")
+    B, K = probs.shape
+    out_dtype = probs.dtype
+    x = probs.to(torch.float64)
+    dev = x.device
+
+    if log_space:
+        if from_logits:
+            lp = -torch.nn.functional.softplus(-x)
+            lq = -torch.nn.functional.softplus(x)
+        else:
+            lp = _safe_log(x)
+            lq = _safe_log1m(x)
+        init = torch.full((B, M + 1), -math.inf, dtype=torch.float64, device=dev)
+        init[:, 0] = 0.0
+        if M == 0:
+            # P(C >= 0) = 1 whatever the probabilities
+            out = init + 0.0 * x.sum(dim=1, keepdim=True)
+            return out.to(out_dtype)
+        lpmf = init
+        for k in range(K):
+            a = lp[:, k : k + 1]
+            c = lq[:, k : k + 1]
+            first = lpmf[:, :1] + c
+            mid = _logaddexp(lpmf[:, 1:M] + c, lpmf[:, : M - 1] + a)
+            tail = _logaddexp(lpmf[:, M : M + 1], lpmf[:, M - 1 : M] + a)
+            lpmf = torch.cat([first, mid, tail], dim=1)
+        return lpmf.to(out_dtype)
+
+    if from_logits:
+        p = torch.sigmoid(x)
+        q = torch.sigmoid(-x)
+    else:
+        p = x
+        q = 1.0 - x
+    init = torch.zeros((B, M + 1), dtype=torch.float64, device=dev)
+    init[:, 0] = 1.0
+    if M == 0:
+        out = init + 0.0 * x.sum(dim=1, keepdim=True)
+        return out.to(out_dtype)
+    pmf = init
+    for k in range(K):
+        a = p[:, k : k + 1]
+        c = q[:, k : k + 1]
+        first = pmf[:, :1] * c
+        mid = pmf[:, 1:M] * c + pmf[:, : M - 1] * a
+        tail = pmf[:, M : M + 1] + pmf[:, M - 1 : M] * a
+        pmf = torch.cat([first, mid, tail], dim=1)
+    return pmf.to(out_dtype)
+
+
+def poisson_binomial_bruteforce(probs_1d, max_count: int) -> np.ndarray:
+    """Exact float64 truncated Poisson-binomial pmf by enumerating all 2^K outcomes (K <= 12).
+
+    Returns a numpy array of length ``max_count + 1`` (tail bin last).
+    """
+    p = np.asarray(
+        probs_1d.detach().cpu().to(torch.float64).numpy() if isinstance(probs_1d, Tensor) else probs_1d,
+        dtype=np.float64,
+    ).reshape(-1)
+    K = p.shape[0]
+    if K > 12:
+        raise ValueError(f"brute force limited to K <= 12, got K={K}")
+    M = int(max_count)
+    out = np.zeros(M + 1, dtype=np.float64)
+    full = np.zeros(K + 1, dtype=np.float64)
+    for bits in itertools.product((0, 1), repeat=K):
+        pr = 1.0
+        for b, pk in zip(bits, p):
+            pr *= pk if b else (1.0 - pk)
+        full[sum(bits)] += pr
+    for c in range(K + 1):
+        out[min(c, M)] += full[c]
+    return out
