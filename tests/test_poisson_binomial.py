@@ -301,3 +301,11 @@ def test_gradient_with_expanded_sliced_and_strided_inputs(log, from_logits):
         (g,) = torch.autograd.grad(sel(out), xT, retain_graph=True)
         (gr,) = torch.autograd.grad(sel(outr), xr, retain_graph=True)
         torch.testing.assert_close(g, gr, rtol=1e-9, atol=1e-12)
+
+
+@requires_ops
+def test_double_backward_is_a_clear_error_not_a_silent_wrong_answer():
+    p = torch.tensor([[0.3, 0.6, 0.2]], dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(lc.poisson_binomial(p, max_count=3)[:, 1].sum(), p, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(g.sum(), p)

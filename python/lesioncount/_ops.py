@@ -166,3 +166,19 @@ def scatter_region_grad(grad_values: torch.Tensor, argmax: torch.Tensor, input_s
     present = argmax >= 0
     grad_flat.scatter_add_(1, argmax.clamp_min(0), torch.where(present, grad_values, 0))
     return grad_flat.reshape(input_shape)
+
+
+if HAS_OPS:
+
+    def _pb_double_backward(ctx, *grads):
+        raise NotImplementedError(
+            "lesioncount.poisson_binomial supports first-order gradients only (no double backward); "
+            "use lesioncount._reference.poisson_binomial for higher-order derivatives"
+        )
+
+    def _pb_backward_setup(ctx, inputs, output):
+        pass
+
+    torch.library.register_autograd(
+        "lesioncount::_poisson_binomial_backward", _pb_double_backward, setup_context=_pb_backward_setup
+    )
