@@ -10,8 +10,11 @@ _LABEL_DTYPES = (torch.bool, torch.uint8, torch.float16, torch.bfloat16, torch.f
 
 
 def tracing() -> bool:
-    """True under torch.compile / FakeTensor tracing, where data-dependent checks must be skipped."""
-    return torch.compiler.is_compiling()
+    """True under torch.compile tracing or CUDA-graph capture, where data-dependent checks (host
+    syncs) must be skipped."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def canonical_spatial(input: torch.Tensor, name: str = "input") -> torch.Tensor:
