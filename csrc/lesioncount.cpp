@@ -10,8 +10,15 @@ TORCH_LIBRARY(lesioncount, m) {
   m.def("label(Tensor input, float threshold, int connectivity, int min_size) -> (Tensor labels, Tensor num)");
   // Per-region maximum and the first flat index reaching it; column r-1 holds label r.
   m.def("region_max(Tensor input, Tensor labels, int num_regions) -> (Tensor values, Tensor argmax)");
+  // Backward of region_max: a dense zero gradient of `input_shape` with one value per region placed at
+  // its argmax voxel (absent regions, argmax -1, contribute nothing).
+  m.def("_region_max_backward(Tensor grad_values, Tensor argmax, SymInt[] input_shape) -> Tensor");
   // Truncated Poisson-binomial pmf (bins 0..M-1 and a tail bin P(C >= M)) of independent Bernoullis.
   m.def("poisson_binomial(Tensor probs, int max_count, bool log_space, bool from_logits) -> Tensor");
   // Vector-Jacobian product of poisson_binomial with respect to `probs`.
   m.def("_poisson_binomial_backward(Tensor grad, Tensor probs, int max_count, bool log_space, bool from_logits) -> Tensor");
+  // Test-only: the CUDA labeler's block union-find run sequentially on the host (cpu/label_block_emulation.cpp).
+  m.def("_label_block_emulation(Tensor input, float threshold, int connectivity, int min_size, int seed) -> (Tensor labels, Tensor num)");
+  // Test-only: the block geometry tables of common/block_union_find.h for one connectivity.
+  m.def("_label_block_tables(int connectivity) -> Tensor");
 }

@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "common/connectivity.h"
+#include "cpu/output_alloc.h"
 
 namespace lesioncount {
 namespace {
@@ -314,7 +315,7 @@ std::tuple<at::Tensor, at::Tensor> label_cpu(const at::Tensor& input, double thr
   const int64_t item_voxels = depth * height * width;
   TORCH_CHECK(width < std::numeric_limits<int32_t>::max(), "label: `input` rows are too long");
   const bool wide = item_voxels >= (int64_t(1) << 31);
-  at::Tensor labels = at::empty(x.sizes(), x.options().dtype(wide ? at::kLong : at::kInt));
+  at::Tensor labels = empty_cpu_output(x.sizes(), x.options().dtype(wide ? at::kLong : at::kInt));
   at::Tensor num = at::zeros({batch}, x.options().dtype(at::kLong));
   if (batch == 0 || item_voxels == 0) return {labels.zero_(), num};
 

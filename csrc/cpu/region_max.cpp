@@ -14,8 +14,11 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
+
+#include "cpu/output_alloc.h"
 
 namespace lesioncount {
 namespace {
@@ -185,8 +188,49 @@ std::tuple<at::Tensor, at::Tensor> region_max_cpu(const at::Tensor& input, const
   return {values, argmax};
 }
 
+// Sparse backward: zero-filled dense gradient (in parallel, on huge pages when large) plus one
+// scattered value per present region.
+at::Tensor region_max_backward_cpu(const at::Tensor& grad_values, const at::Tensor& argmax,
+                                   c10::SymIntArrayRef input_shape_sym) {
+  const auto input_shape = C10_AS_INTARRAYREF_SLOW(input_shape_sym);
+  TORCH_CHECK(grad_values.dim() == 2 && argmax.sizes() == grad_values.sizes(),
+              "_region_max_backward: `grad_values` and `argmax` must both be (B, R), got ",
+              grad_values.sizes(), " and ", argmax.sizes());
+  TORCH_CHECK(argmax.scalar_type() == at::kLong, "_region_max_backward: `argmax` must be int64");
+  TORCH_CHECK(!input_shape.empty() && input_shape[0] == grad_values.size(0),
+              "_region_max_backward: `input_shape` must start with the batch size ", grad_values.size(0));
+  at::Tensor grad_input = empty_cpu_output(input_shape, grad_values.options());
+  const int64_t batch = grad_values.size(0), regions = grad_values.size(1);
+  const int64_t total = grad_input.numel();
+  const int64_t item = batch == 0 ? 0 : total / batch;
+  const size_t elem = grad_input.element_size();
+  char* base = static_cast<char*>(grad_input.data_ptr());
+  at::parallel_for(0, total, int64_t(1) << 18, [&](int64_t b0, int64_t b1) {
+    std::memset(base + b0 * elem, 0, (b1 - b0) * elem);
+  });
+  const at::Tensor g = grad_values.contiguous();
+  const at::Tensor a = argmax.contiguous();
+  const int64_t* ap = a.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "lesioncount_region_max_backward", [&] {
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    scalar_t* out = grad_input.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t r = 0; r < regions; ++r) {
+        const int64_t idx = ap[b * regions + r];
+        if (idx < 0) continue;
+        TORCH_CHECK(idx < item, "_region_max_backward: `argmax` ", idx, " is outside an item of ", item, " voxels");
+        out[b * item + idx] += gp[b * regions + r];
+      }
+    }
+  });
+  return grad_input;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lesioncount, CPU, m) { m.impl("region_max", &region_max_cpu); }
+TORCH_LIBRARY_IMPL(lesioncount, CPU, m) {
+  m.impl("region_max", &region_max_cpu);
+  m.impl("_region_max_backward", &region_max_backward_cpu);
+}
 
 }  // namespace lesioncount

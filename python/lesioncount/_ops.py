@@ -54,7 +54,7 @@ def warn_fallback() -> None:
         )
 
 
-_OP_NAMES = ("label", "region_max", "poisson_binomial", "_poisson_binomial_backward")
+_OP_NAMES = ("label", "region_max", "_region_max_backward", "poisson_binomial", "_poisson_binomial_backward")
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 # Looked up once at import so that torch.compile traces a plain dict lookup.
 _KERNELS = {
@@ -108,6 +108,10 @@ if HAS_OPS:
         argmax = input.new_empty((input.shape[0], num_regions), dtype=torch.int64)
         return values, argmax
 
+    @torch.library.register_fake("lesioncount::_region_max_backward")
+    def _region_max_backward_fake(grad_values, argmax, input_shape):
+        return grad_values.new_empty(input_shape)
+
     @torch.library.register_fake("lesioncount::poisson_binomial")
     def _poisson_binomial_fake(probs, max_count, log_space, from_logits):
         torch._check(probs.dim() == 2, lambda: "poisson_binomial: `probs` must have shape (B, K)")
@@ -127,7 +131,11 @@ if HAS_OPS:
 
     def _region_max_backward(ctx, grad_values, _grad_argmax):
         (argmax,) = ctx.saved_tensors
-        return scatter_region_grad(grad_values, argmax, ctx.input_shape), None, None
+        if has_kernel("_region_max_backward", grad_values.device):
+            grad_input = _lib._region_max_backward(grad_values, argmax, ctx.input_shape)
+        else:
+            grad_input = scatter_region_grad(grad_values, argmax, ctx.input_shape)
+        return grad_input, None, None
 
     torch.library.register_autograd(
         "lesioncount::region_max", _region_max_backward, setup_context=_region_max_setup
@@ -181,4 +189,20 @@ if HAS_OPS:
 
     torch.library.register_autograd(
         "lesioncount::_poisson_binomial_backward", _pb_double_backward, setup_context=_pb_backward_setup
+    )
+
+    def _region_max_backward_setup(ctx, inputs, output):
+        _grad_values, argmax, _shape = inputs
+        ctx.save_for_backward(argmax)
+
+    def _region_max_double_backward(ctx, grad_grad_input):
+        # _region_max_backward is linear in grad_values: its adjoint gathers at the argmax voxels.
+        (argmax,) = ctx.saved_tensors
+        flat = grad_grad_input.reshape(argmax.shape[0], -1)
+        gathered = flat.gather(1, argmax.clamp_min(0))
+        return torch.where(argmax >= 0, gathered, 0), None, None
+
+    torch.library.register_autograd(
+        "lesioncount::_region_max_backward", _region_max_double_backward,
+        setup_context=_region_max_backward_setup,
     )

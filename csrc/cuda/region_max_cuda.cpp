@@ -1,0 +1,84 @@
+// CUDA dispatch of region_max: validation (as region_max_cpu), allocation, and the launch of the
+// pure-CUDA kernels of region_max.cu on the current stream. No host synchronisation: a label
+// outside [0, num_regions] or a NaN inside a region cannot raise synchronously on the GPU; the
+// kernels skip such voxels (no memory is touched for them) and clear a device flag, which
+// at::_assert_async turns into a device-side assertion (a CUDA error at the next synchronising
+// call; like an out-of-range index in torch's own kernels, it leaves the CUDA context unusable).
+// The Python wrapper's own checks run first outside torch.compile / CUDA-graph capture.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "cuda/region_max_launch.h"
+
+namespace lesioncount {
+namespace {
+
+cuda::ValueKind value_kind(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return cuda::ValueKind::kHalf;
+    case at::kBFloat16: return cuda::ValueKind::kBFloat16;
+    case at::kFloat: return cuda::ValueKind::kFloat;
+    case at::kDouble: return cuda::ValueKind::kDouble;
+    default: TORCH_CHECK(false, "region_max: `input` must be float16, bfloat16, float32 or float64, got ", t);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> region_max_cuda(const at::Tensor& input, const at::Tensor& labels,
+                                                  int64_t num_regions) {
+  TORCH_CHECK(input.dim() >= 1, "region_max: `input` must have a batch dimension, got a scalar");
+  TORCH_CHECK(labels.sizes() == input.sizes(), "region_max: `labels` must have the shape of `input` ",
+              input.sizes(), ", got ", labels.sizes());
+  TORCH_CHECK(labels.scalar_type() == at::kInt || labels.scalar_type() == at::kLong,
+              "region_max: `labels` must be int32 or int64, got ", labels.scalar_type());
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
+              "region_max: `input` must be a floating tensor, got ", input.scalar_type());
+  TORCH_CHECK(num_regions >= 0, "region_max: `num_regions` must be >= 0, got ", num_regions);
+  TORCH_CHECK(input.is_cuda() && labels.is_cuda() && input.device() == labels.device(),
+              "region_max: `input` and `labels` must be on the same CUDA device, got `input` on ",
+              input.device(), " and `labels` on ", labels.device());
+  const c10::cuda::CUDAGuard guard(input.device());
+
+  const int64_t batch = input.size(0);
+  const int64_t item_voxels = batch == 0 ? 0 : input.numel() / batch;
+  const at::Tensor x = input.contiguous();
+  const at::Tensor lab = labels.contiguous();
+  at::Tensor values = at::empty({batch, num_regions}, x.options());
+  at::Tensor argmax = at::empty({batch, num_regions}, x.options().dtype(at::kLong));
+  if (batch == 0 || item_voxels == 0) {
+    values.zero_();
+    argmax.fill_(-1);
+    return {values, argmax};
+  }
+  const cuda::ValueKind kind = value_kind(x.scalar_type());
+  at::Tensor scratch;
+  if (cuda::region_max_two_pass(kind, item_voxels) && num_regions > 0)
+    scratch = at::empty({batch, num_regions}, x.options().dtype(at::kLong));
+  at::Tensor ok = at::empty({}, x.options().dtype(at::kBool));
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  C10_CUDA_CHECK(cudaMemsetAsync(ok.data_ptr(), 1, 1, stream));
+  cuda::RegionMaxArgs args{};
+  args.input = x.data_ptr();
+  args.labels = lab.data_ptr();
+  args.value_kind = kind;
+  args.label_kind = lab.scalar_type() == at::kInt ? cuda::LabelKind::kInt32 : cuda::LabelKind::kInt64;
+  args.batch = batch;
+  args.item_voxels = item_voxels;
+  args.num_regions = num_regions;
+  args.values = values.data_ptr();
+  args.argmax = argmax.data_ptr<int64_t>();
+  args.scratch = scratch.defined() ? reinterpret_cast<unsigned long long*>(scratch.data_ptr<int64_t>()) : nullptr;
+  args.ok = reinterpret_cast<unsigned char*>(ok.data_ptr<bool>());
+  C10_CUDA_CHECK(static_cast<cudaError_t>(cuda::launch_region_max(args, stream)));
+  at::_assert_async(ok, "region_max: `labels` must lie in [0, num_regions] and `input` must not be NaN inside a region");
+  return {values, argmax};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lesioncount, CUDA, m) { m.impl("region_max", &region_max_cuda); }
+
+}  // namespace lesioncount
