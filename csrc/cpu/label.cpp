@@ -13,7 +13,8 @@
 //     parent's parent is already a root) and gives each root the next label: labels 1..K in raster
 //     order of each component's first voxel, which is SciPy's order. With min_size, component sizes
 //     are summed first and small components get label 0; the rest stay consecutive.
-//  4. Write: each row is zero-filled and its runs are painted with their labels (parallel).
+//  4. Write: each row's runs are painted with their labels (parallel). Large outputs come zero-filled
+//     from the kernel (cpu/output_alloc.h), so background is never written; small ones are memset.
 // Cost: one read of the input, one write of the labels, and work proportional to the number of runs.
 // Batch items run in parallel when there are at least as many items as threads; otherwise the chunks
 // of one item run in parallel.
@@ -158,7 +159,7 @@ inline void merge_rows(const Run* runs, index_t* parent, index_t cur_begin, inde
 template <typename scalar_t, typename label_t, typename index_t>
 int64_t label_item(const scalar_t* input, label_t* labels_out, int64_t depth, int64_t height,
                    int64_t width, double threshold, int connectivity, int64_t min_size,
-                   bool& saw_nan, bool allow_parallel) {
+                   bool output_zeroed, bool& saw_nan, bool allow_parallel) {
   const int64_t num_rows = depth * height;
   const ForegroundTest<scalar_t> test(threshold);
   PrecedingRow neighbours[4];
@@ -217,7 +218,7 @@ int64_t label_item(const scalar_t* input, label_t* labels_out, int64_t depth, in
   }
   row_begin[num_rows] = static_cast<index_t>(num_runs);
   if (num_runs == 0) {
-    std::fill(labels_out, labels_out + num_rows * width, label_t(0));
+    if (!output_zeroed) std::fill(labels_out, labels_out + num_rows * width, label_t(0));
     return 0;
   }
 
@@ -279,7 +280,7 @@ int64_t label_item(const scalar_t* input, label_t* labels_out, int64_t depth, in
     for (int64_t c = c_begin; c < c_end; ++c) {
       for (int64_t r = chunk_first_row[c]; r < chunk_first_row[c + 1]; ++r) {
         label_t* out_row = labels_out + r * width;
-        std::memset(out_row, 0, sizeof(label_t) * width);
+        if (!output_zeroed) std::memset(out_row, 0, sizeof(label_t) * width);
         for (index_t i = row_begin[r]; i < row_begin[r + 1]; ++i) {
           const label_t lab = root_label[parent[i]];
           if (lab == 0) continue;
@@ -315,7 +316,9 @@ std::tuple<at::Tensor, at::Tensor> label_cpu(const at::Tensor& input, double thr
   const int64_t item_voxels = depth * height * width;
   TORCH_CHECK(width < std::numeric_limits<int32_t>::max(), "label: `input` rows are too long");
   const bool wide = item_voxels >= (int64_t(1) << 31);
-  at::Tensor labels = empty_cpu_output(x.sizes(), x.options().dtype(wide ? at::kLong : at::kInt));
+  const ZeroedOutput output = empty_or_zeroed_cpu_output(x.sizes(), x.options().dtype(wide ? at::kLong : at::kInt));
+  at::Tensor labels = output.tensor;
+  const bool output_zeroed = output.zeroed;
   at::Tensor num = at::zeros({batch}, x.options().dtype(at::kLong));
   if (batch == 0 || item_voxels == 0) return {labels.zero_(), num};
 
@@ -332,11 +335,11 @@ std::tuple<at::Tensor, at::Tensor> label_cpu(const at::Tensor& input, double thr
       if (wide) {
         num_ptr[b] = label_item<scalar_t, int64_t, int64_t>(
             in_ptr + b * item_voxels, labels.data_ptr<int64_t>() + b * item_voxels, depth, height,
-            width, threshold, (int)connectivity, min_size, nan, !items_in_parallel);
+            width, threshold, (int)connectivity, min_size, output_zeroed, nan, !items_in_parallel);
       } else {
         num_ptr[b] = label_item<scalar_t, int32_t, int32_t>(
             in_ptr + b * item_voxels, labels.data_ptr<int32_t>() + b * item_voxels, depth, height,
-            width, threshold, (int)connectivity, min_size, nan, !items_in_parallel);
+            width, threshold, (int)connectivity, min_size, output_zeroed, nan, !items_in_parallel);
       }
       item_nan[b] = nan;
     };

@@ -3,7 +3,8 @@
 // `_label_block_emulation` executes the same per-block phase functions as csrc/cuda/label.cu, each
 // "kernel" as a sequential loop over its grid, with the sequential atomics policy. A nonzero `seed`
 // visits the blocks of every phase in a pseudo-random order (the GPU runs them in any order), so
-// the tests can check the result does not depend on it. NaN behaves as on the GPU: num[b] = -1 and
+// the tests can check the result does not depend on it. `wide` runs the int64 index/label path
+// (used from 2^31 voxels per item) on small inputs. NaN behaves as on the GPU: num[b] = -1 and
 // item b's labels are all 0.
 //
 // `_label_block_tables` exports the block geometry tables for unit tests of the index arithmetic.
@@ -142,7 +143,8 @@ std::tuple<at::Tensor, at::Tensor> emulate_typed(const at::Tensor& x, int64_t ba
 }
 
 std::tuple<at::Tensor, at::Tensor> label_block_emulation(const at::Tensor& input, double threshold,
-                                                        int64_t connectivity, int64_t min_size, int64_t seed) {
+                                                        int64_t connectivity, int64_t min_size, int64_t seed,
+                                                        bool wide) {
   TORCH_CHECK(input.dim() == 3 || input.dim() == 4, "_label_block_emulation: input must be (B, H, W) or (B, D, H, W)");
   const int spatial_rank = static_cast<int>(input.dim()) - 1;
   TORCH_CHECK(is_valid_connectivity(spatial_rank, connectivity), "_label_block_emulation: bad connectivity ",
@@ -153,8 +155,8 @@ std::tuple<at::Tensor, at::Tensor> label_block_emulation(const at::Tensor& input
   const int64_t batch = x.size(0);
   const int64_t depth = spatial_rank == 3 ? x.size(1) : 1;
   const int64_t height = x.size(-2), width = x.size(-1);
-  const bool wide = depth * height * width >= (int64_t(1) << 31);
-  if (wide)
+  // `wide` forces the int64 index path (taken automatically from 2^31 voxels per item).
+  if (wide || depth * height * width >= (int64_t(1) << 31))
     return emulate_typed<int64_t>(x, batch, depth, height, width, threshold, (int)connectivity, min_size,
                                   static_cast<uint64_t>(seed), at::kLong);
   return emulate_typed<int32_t>(x, batch, depth, height, width, threshold, (int)connectivity, min_size,
@@ -180,7 +182,7 @@ at::Tensor label_block_tables(int64_t connectivity) {
     a[o][3] = buf::block_dim_x(conn);
   }
   for (int d = 0; d < 13; ++d)
-    for (int i = 0; i < 8; ++i) a[27 + d][i] = i < buf::block_voxels(conn) ? buf::adjacency_mask(conn, d, i) : -1;
+    for (int i = 0; i < 8; ++i) a[27 + d][i] = i < buf::block_voxels(conn) ? static_cast<int64_t>(buf::adjacency_mask(conn, d, i)) : int64_t(-1);
   for (int m = 0; m < 256; ++m) {
     uint32_t nodes[2] = {0, 0};
     a[40 + m][0] = buf::node_masks(conn, static_cast<uint32_t>(m), nodes);

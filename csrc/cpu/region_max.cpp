@@ -188,8 +188,8 @@ std::tuple<at::Tensor, at::Tensor> region_max_cpu(const at::Tensor& input, const
   return {values, argmax};
 }
 
-// Sparse backward: zero-filled dense gradient (in parallel, on huge pages when large) plus one
-// scattered value per present region.
+// Sparse backward: a zero dense gradient (large ones come zero-filled from the kernel, see
+// cpu/output_alloc.h; small ones are memset) plus one scattered value per present region.
 at::Tensor region_max_backward_cpu(const at::Tensor& grad_values, const at::Tensor& argmax,
                                    c10::SymIntArrayRef input_shape_sym) {
   const auto input_shape = C10_AS_INTARRAYREF_SLOW(input_shape_sym);
@@ -199,15 +199,18 @@ at::Tensor region_max_backward_cpu(const at::Tensor& grad_values, const at::Tens
   TORCH_CHECK(argmax.scalar_type() == at::kLong, "_region_max_backward: `argmax` must be int64");
   TORCH_CHECK(!input_shape.empty() && input_shape[0] == grad_values.size(0),
               "_region_max_backward: `input_shape` must start with the batch size ", grad_values.size(0));
-  at::Tensor grad_input = empty_cpu_output(input_shape, grad_values.options());
+  const ZeroedOutput output = empty_or_zeroed_cpu_output(input_shape, grad_values.options());
+  at::Tensor grad_input = output.tensor;
   const int64_t batch = grad_values.size(0), regions = grad_values.size(1);
   const int64_t total = grad_input.numel();
   const int64_t item = batch == 0 ? 0 : total / batch;
   const size_t elem = grad_input.element_size();
   char* base = static_cast<char*>(grad_input.data_ptr());
-  at::parallel_for(0, total, int64_t(1) << 18, [&](int64_t b0, int64_t b1) {
-    std::memset(base + b0 * elem, 0, (b1 - b0) * elem);
-  });
+  if (!output.zeroed) {
+    at::parallel_for(0, total, int64_t(1) << 18, [&](int64_t b0, int64_t b1) {
+      std::memset(base + b0 * elem, 0, (b1 - b0) * elem);
+    });
+  }
   const at::Tensor g = grad_values.contiguous();
   const at::Tensor a = argmax.contiguous();
   const int64_t* ap = a.data_ptr<int64_t>();

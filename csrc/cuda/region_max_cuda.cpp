@@ -69,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor> region_max_cuda(const at::Tensor& input, cons
   args.item_voxels = item_voxels;
   args.num_regions = num_regions;
   args.values = values.data_ptr();
-  args.argmax = argmax.data_ptr<int64_t>();
+  args.argmax = reinterpret_cast<long long*>(argmax.data_ptr<int64_t>());
   args.scratch = scratch.defined() ? reinterpret_cast<unsigned long long*>(scratch.data_ptr<int64_t>()) : nullptr;
   args.ok = reinterpret_cast<unsigned char*>(ok.data_ptr<bool>());
   C10_CUDA_CHECK(static_cast<cudaError_t>(cuda::launch_region_max(args, stream)));

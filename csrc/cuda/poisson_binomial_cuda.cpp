@@ -1,0 +1,116 @@
+// CUDA dispatch of poisson_binomial and _poisson_binomial_backward: validation (as the CPU
+// kernels), allocation (outputs and shape-sized scratch from the caching allocator, so CUDA-graph
+// capture works), and the launch of the pure-CUDA kernels of poisson_binomial.cu on the current
+// stream. No host synchronisation: NaN, or (without from_logits) a probability outside [0, 1],
+// cannot raise synchronously; the kernels treat it as p = 0 and clear a device flag that
+// at::_assert_async turns into a device-side assertion (reported at the next synchronising call,
+// and it leaves the CUDA context unusable, like an out-of-range index in torch's own kernels).
+// The public Python wrapper checks the values (one host sync) outside torch.compile / graph capture.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "cuda/poisson_binomial_launch.h"
+
+namespace lesioncount {
+namespace {
+
+cuda::PbValueKind pb_kind(at::ScalarType t, const char* op) {
+  switch (t) {
+    case at::kHalf: return cuda::PbValueKind::kHalf;
+    case at::kBFloat16: return cuda::PbValueKind::kBFloat16;
+    case at::kFloat: return cuda::PbValueKind::kFloat;
+    case at::kDouble: return cuda::PbValueKind::kDouble;
+    default: TORCH_CHECK(false, op, ": `probs` must be float16, bfloat16, float32 or float64, got ", t);
+  }
+}
+
+void check_probs_arg(const at::Tensor& probs, int64_t max_count, const char* op) {
+  TORCH_CHECK(probs.dim() == 2, op, ": `probs` must have shape (B, K), got ", probs.dim(),
+              " dimensions ", probs.sizes());
+  TORCH_CHECK(at::isFloatingType(probs.scalar_type()), op,
+              ": `probs` must be a floating tensor, got ", probs.scalar_type());
+  TORCH_CHECK(max_count >= 0, op, ": `max_count` must be >= 0, got ", max_count);
+  TORCH_CHECK(probs.is_cuda(), op, ": expected a CUDA tensor for `probs`, got ", probs.device());
+}
+
+const char* kInvalidMessage =
+    "poisson_binomial: `probs` must not be NaN and, without from_logits, must lie in [0, 1]";
+
+at::Tensor poisson_binomial_cuda(const at::Tensor& probs, int64_t max_count, bool log_space, bool from_logits) {
+  check_probs_arg(probs, max_count, "poisson_binomial");
+  const c10::cuda::CUDAGuard guard(probs.device());
+  const int64_t B = probs.size(0), K = probs.size(1), M = max_count;
+  const at::Tensor x = probs.contiguous();
+  at::Tensor out = at::empty({B, M + 1}, x.options());
+  if (B == 0) return out;
+  const cuda::PbPlan plan = cuda::pb_plan(B, K, M, false);
+  at::Tensor scratch;
+  if (plan.scratch_doubles > 0) scratch = at::empty({plan.scratch_doubles}, x.options().dtype(at::kDouble));
+  at::Tensor ok = at::empty({}, x.options().dtype(at::kBool));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  C10_CUDA_CHECK(cudaMemsetAsync(ok.data_ptr(), 1, 1, stream));
+  cuda::PbArgs a{};
+  a.probs = x.data_ptr();
+  a.kind = pb_kind(x.scalar_type(), "poisson_binomial");
+  a.batch = B;
+  a.K = K;
+  a.M = M;
+  a.log_space = log_space;
+  a.from_logits = from_logits;
+  a.grad = nullptr;
+  a.out = out.data_ptr();
+  a.scratch = scratch.defined() ? scratch.data_ptr<double>() : nullptr;
+  a.ok = reinterpret_cast<unsigned char*>(ok.data_ptr<bool>());
+  C10_CUDA_CHECK(static_cast<cudaError_t>(cuda::launch_poisson_binomial_forward(a, stream)));
+  if (K > 0) at::_assert_async(ok, kInvalidMessage);
+  return out;
+}
+
+at::Tensor poisson_binomial_backward_cuda(const at::Tensor& grad, const at::Tensor& probs, int64_t max_count,
+                                          bool log_space, bool from_logits) {
+  check_probs_arg(probs, max_count, "_poisson_binomial_backward");
+  const int64_t B = probs.size(0), K = probs.size(1), M = max_count;
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == B && grad.size(1) == M + 1,
+              "_poisson_binomial_backward: `grad` must have shape (", B, ", ", M + 1, "), got ", grad.sizes());
+  TORCH_CHECK(grad.device() == probs.device(),
+              "_poisson_binomial_backward: `grad` and `probs` must be on the same device, got `grad` on ",
+              grad.device(), " and `probs` on ", probs.device());
+  const c10::cuda::CUDAGuard guard(probs.device());
+  const at::Tensor x = probs.contiguous();
+  const at::Tensor g64 = grad.to(at::kDouble).contiguous();
+  at::Tensor out = at::empty({B, K}, x.options());
+  if (B == 0 || K == 0) return out;
+  const cuda::PbPlan plan = cuda::pb_plan(B, K, M, true);
+  at::Tensor scratch;
+  if (plan.scratch_doubles > 0) scratch = at::empty({plan.scratch_doubles}, x.options().dtype(at::kDouble));
+  at::Tensor ok = at::empty({}, x.options().dtype(at::kBool));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  C10_CUDA_CHECK(cudaMemsetAsync(ok.data_ptr(), 1, 1, stream));
+  cuda::PbArgs a{};
+  a.probs = x.data_ptr();
+  a.kind = pb_kind(x.scalar_type(), "_poisson_binomial_backward");
+  a.batch = B;
+  a.K = K;
+  a.M = M;
+  a.log_space = log_space;
+  a.from_logits = from_logits;
+  a.grad = g64.data_ptr<double>();
+  a.out = out.data_ptr();
+  a.scratch = scratch.defined() ? scratch.data_ptr<double>() : nullptr;
+  a.ok = reinterpret_cast<unsigned char*>(ok.data_ptr<bool>());
+  C10_CUDA_CHECK(static_cast<cudaError_t>(cuda::launch_poisson_binomial_backward(a, stream)));
+  at::_assert_async(ok, kInvalidMessage);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lesioncount, CUDA, m) {
+  m.impl("poisson_binomial", &poisson_binomial_cuda);
+  m.impl("_poisson_binomial_backward", &poisson_binomial_backward_cuda);
+}
+
+}  // namespace lesioncount
