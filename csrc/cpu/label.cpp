@@ -141,17 +141,19 @@ inline void unite(index_t* parent, index_t a, index_t b) {
 }
 
 // Unions runs [cur_begin, cur_end) of one row with the touching runs [nb_begin, nb_end) of a
-// preceding neighbour row.
+// preceding neighbour row. Both lists are sorted and disjoint, so a sweep that always steps past
+// the run that ends first visits every touching pair once; the step itself is branch-free.
 template <typename index_t>
 inline void merge_rows(const Run* runs, index_t* parent, index_t cur_begin, index_t cur_end,
                        index_t nb_begin, index_t nb_end, int reach) {
   index_t i = cur_begin, j = nb_begin;
   while (i < cur_end && j < nb_end) {
     const Run a = runs[i], b = runs[j];
-    if (b.x1 - 1 + reach < a.x0) { ++j; continue; }
-    if (a.x1 - 1 + reach < b.x0) { ++i; continue; }
-    unite(parent, i, j);
-    if (a.x1 < b.x1) ++i; else ++j;
+    const bool touching = (b.x0 <= a.x1 - 1 + reach) & (a.x0 <= b.x1 - 1 + reach);
+    if (touching && parent[i] != parent[j]) unite(parent, i, j);
+    const bool step_current = a.x1 < b.x1;
+    i += step_current;
+    j += !step_current;
   }
 }
 
