@@ -359,7 +359,7 @@ std::tuple<at::Tensor, at::Tensor> label_cpu(const at::Tensor& input, double thr
     case at::kHalf: dispatch(at::Half{}); break;
     case at::kBFloat16: dispatch(at::BFloat16{}); break;
     case at::kByte: dispatch(uint8_t{}); break;
-    case at::kBool: dispatch(bool{}); break;
+    case at::kBool: dispatch(uint8_t{}); break;  // torch bools are stored as bytes 0/1
     default: TORCH_CHECK(false, "label: unsupported dtype ", dtype);
   }
   for (int64_t b = 0; b < batch; ++b)

@@ -135,11 +135,13 @@ def poisson_binomial(probs: torch.Tensor, max_count: int | None = None, log: boo
     if max_count is None:
         max_count = probs.shape[1]
     check_nonneg_int(max_count, "max_count")
-    if not tracing() and probs.numel():
+    compiled = _use_compiled("poisson_binomial", probs)
+    # The CPU kernel rejects NaN and out-of-range values itself while reading them.
+    if not tracing() and probs.numel() and not (compiled and probs.device.type == "cpu"):
         if bool(torch.isnan(probs).any()):
             raise ValueError("`probs` contains NaN")
         if not from_logits and (bool((probs < 0).any()) or bool((probs > 1).any())):
             raise ValueError("`probs` must lie in [0, 1] (pass from_logits=True for logits)")
-    if _use_compiled("poisson_binomial", probs):
+    if compiled:
         return torch.ops.lesioncount.poisson_binomial(probs, max_count, bool(log), bool(from_logits))
     return _reference.poisson_binomial(probs, max_count, bool(log), bool(from_logits))
