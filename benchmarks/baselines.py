@@ -124,7 +124,7 @@ def published_count_distribution(
     lesion_probs = (masks * probs.unsqueeze(1)).flatten(2).amax(dim=2)  # (B, max_lesions)
     # Poisson-binomial recursion, one lesion at a time, bins 0..M-1 and the tail M+
     M = max_count
-    pmf = [torch.ones(B, dtype=probs.dtype)] + [torch.zeros(B, dtype=probs.dtype) for _ in range(M)]
+    pmf = [torch.ones(B, dtype=probs.dtype, device=probs.device)] + [torch.zeros(B, dtype=probs.dtype, device=probs.device) for _ in range(M)]
     for k in range(max_lesions):
         p = lesion_probs[:, k]
         q = 1 - p
@@ -155,8 +155,8 @@ def torch_poisson_binomial(probs: torch.Tensor, max_count: int) -> torch.Tensor:
     M = int(max_count)
     p = probs.to(torch.float64)
     if M == 0:
-        return torch.ones(B, 1, dtype=probs.dtype) + 0 * p.sum(1, keepdim=True).to(probs.dtype)
-    pmf = F.pad(torch.ones(B, 1, dtype=torch.float64), (0, M))
+        return torch.ones(B, 1, dtype=probs.dtype, device=probs.device) + 0 * p.sum(1, keepdim=True).to(probs.dtype)
+    pmf = F.pad(torch.ones(B, 1, dtype=torch.float64, device=probs.device), (0, M))
     # unbind once: slicing p[:, k] per step would make autograd build a dense (B, K) gradient per step
     for pk in p.t().unsqueeze(-1).unbind(0):  # K tensors of shape (B, 1)
         new = pmf * (1 - pk) + F.pad(pmf[:, :-1] * pk, (1, 0))

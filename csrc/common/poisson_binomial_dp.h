@@ -23,7 +23,8 @@
 namespace lesioncount {
 namespace pb {
 
-LC_HOST_DEVICE inline double neg_inf() { return -std::numeric_limits<double>::infinity(); }
+// -infinity without std::numeric_limits (not a __device__ function without --expt-relaxed-constexpr).
+LC_HOST_DEVICE inline double neg_inf() { return -__builtin_huge_val(); }
 
 // log(exp(a) + exp(b)) without overflow; -inf + -inf = -inf.
 LC_HOST_DEVICE inline double log_add(double a, double b) {

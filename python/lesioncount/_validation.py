@@ -78,7 +78,16 @@ def check_nonneg_int(value, name: str, allow_none: bool = False):
 def check_values(input: torch.Tensor, *, probabilities: bool, name: str = "input") -> None:
     """Rejects NaN, and values outside [0, 1] when ``probabilities``. One pass (and, on CUDA, one
     host sync); skipped while tracing."""
-    if tracing() or input.numel() == 0 or not input.is_floating_point():
+    if input.numel() == 0 or not input.is_floating_point():
+        return
+    if input.device.type == "cuda" and not torch.compiler.is_compiling():
+        # No host sync on the GPU: a device-side assertion fires (asynchronously) instead.
+        lo, hi = torch.aminmax(input.detach())
+        ok = (lo >= 0) & (hi <= 1) if probabilities else (lo == lo) & (hi == hi)
+        what = "probabilities in [0, 1] (pass from_logits=True for logits)" if probabilities else "no NaN"
+        torch._assert_async(ok, f"`{name}` must hold {what}")
+        return
+    if tracing():
         return
     lo, hi = torch.aminmax(input.detach())
     lo, hi = float(lo), float(hi)

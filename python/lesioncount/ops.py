@@ -136,8 +136,9 @@ def poisson_binomial(probs: torch.Tensor, max_count: int | None = None, log: boo
         max_count = probs.shape[1]
     check_nonneg_int(max_count, "max_count")
     compiled = _use_compiled("poisson_binomial", probs)
-    # The CPU kernel rejects NaN and out-of-range values itself while reading them.
-    if not tracing() and probs.numel() and not (compiled and probs.device.type == "cpu"):
+    # The compiled kernels reject NaN and out-of-range values themselves while reading them (on CUDA
+    # through a device-side assertion, without a host sync).
+    if not tracing() and probs.numel() and not compiled:
         if bool(torch.isnan(probs).any()):
             raise ValueError("`probs` contains NaN")
         if not from_logits and (bool((probs < 0).any()) or bool((probs > 1).any())):

@@ -1,0 +1,437 @@
+"""CUDA region_max and poisson_binomial: parity with the CPU kernels, gradients, opcheck, CUDA
+graphs, torch.compile, device errors.
+
+Every CUDA test skips cleanly without a GPU (or without the compiled CUDA kernels). The launch-plan
+test at the top runs anywhere a C++ compiler is available: it compiles the host/device launch
+helpers of csrc/cuda/*_launch.h with the host compiler and checks them.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import FLOAT_DTYPES, HAS_CUDA, HAS_OPS, ROOT
+
+# --------------------------------------------------------------------------------------------
+# CPU-runnable: launch configuration helpers (plain C++, no CUDA needed)
+# --------------------------------------------------------------------------------------------
+
+_PLAN_TEST = r"""
+#include <cassert>
+#include <initializer_list>
+#include <cstdio>
+#include "cuda/poisson_binomial_launch.h"
+#include "cuda/region_max_launch.h"
+using namespace lesioncount::cuda;
+#define CHECK(c) do { if (!(c)) { std::printf("FAILED line %d: %s\n", __LINE__, #c); return 1; } } while (0)
+int main() {
+  // exact integer ceil(sqrt(n))
+  for (long long n = 1; n < 200000; ++n) {
+    long long r = pb_ceil_sqrt(n);
+    CHECK(r * r >= n && (r - 1) * (r - 1) < n);
+  }
+  CHECK(pb_ceil_sqrt(1LL << 62) == (1LL << 31));
+  // split kernel for M + 1 <= 16, bins a power of two >= M + 1
+  for (long long M = 0; M < 40; ++M) {
+    for (long long K : {0LL, 1LL, 20LL, 31LL, 32LL, 33LL, 2000LL, 100000LL}) {
+      for (long long B : {1LL, 7LL, 1024LL, 5000000LL}) {
+        for (bool bwd : {false, true}) {
+          PbPlan p = pb_plan(B, K, M, bwd);
+          CHECK(p.split == (M + 1 <= kPbSplitMaxBins));
+          CHECK(p.blocks >= 1 && p.blocks <= kPbMaxBlocks);
+          CHECK(p.scratch_doubles * 8 <= kPbScratchBudgetBytes || p.blocks == 1 ||
+                (p.split && p.blocks * kPbSplitWarpsPerBlock * p.scratch_per_unit * 8 <= kPbScratchBudgetBytes + 4 * p.scratch_per_unit * 8));
+          if (p.split) {
+            CHECK(p.bins >= M + 1 && p.bins >= 2 && p.bins <= 16 && (p.bins & (p.bins - 1)) == 0);
+            CHECK(p.chunk * 32 >= K && (p.chunk - 1) * 32 < K + 32);
+            CHECK(p.seg_len * p.num_ckpt >= p.chunk);
+            CHECK(p.threads == 32 * kPbSplitWarpsPerBlock);
+            if (bwd) CHECK(p.scratch_doubles == p.scratch_per_unit * p.blocks * kPbSplitWarpsPerBlock);
+            else CHECK(p.scratch_doubles == 0);
+            // enough warps for every item unless the scratch budget binds
+            if (!bwd && B <= kPbMaxBlocks * kPbSplitWarpsPerBlock) CHECK(p.blocks * kPbSplitWarpsPerBlock >= B);
+          } else {
+            CHECK(p.seg_len * p.num_ckpt >= K);
+            CHECK(p.scratch_doubles == p.scratch_per_unit * p.blocks);
+            CHECK(p.scratch_per_unit >= 3 * K);
+            if (bwd) CHECK(p.scratch_per_unit >= 3 * K + (p.num_ckpt + p.seg_len) * (M + 1));
+            CHECK(p.smem_bytes <= kPbSmemStateLimitBytes);
+            CHECK(p.blocks <= B || B < 1);
+          }
+        }
+      }
+    }
+  }
+  // huge M: one block, scratch beyond the budget only when a single item needs it
+  PbPlan big = pb_plan(1024, 100000, 100000, true);
+  CHECK(!big.split && big.blocks == 1 && !big.smem_state);
+  // region_max: two passes for float64 or items above 2^32 voxels
+  CHECK(!region_max_two_pass(ValueKind::kFloat, 1LL << 32));
+  CHECK(region_max_two_pass(ValueKind::kFloat, (1LL << 32) + 1));
+  CHECK(region_max_two_pass(ValueKind::kDouble, 10));
+  CHECK(!region_max_two_pass(ValueKind::kHalf, 10) && !region_max_two_pass(ValueKind::kBFloat16, 10));
+  RegionMaxGrid g = region_max_grid(8, 64LL * 192 * 192);
+  CHECK(g.blocks_y == 8 && g.blocks_x * kRegionMaxVoxelsPerBlock >= 64LL * 192 * 192);
+  g = region_max_grid(100000, 10);
+  CHECK(g.blocks_y == 65535 && g.blocks_x == 1);
+  g = region_max_grid(1, 1LL << 40);
+  CHECK(g.blocks_x == 65535);
+  g = region_max_grid(0, 5);
+  CHECK(g.blocks_x == 0);
+  std::printf("ok\n");
+  return 0;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler")
+def test_launch_plan_host_compiled(tmp_path):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    src = tmp_path / "plan_test.cpp"
+    src.write_text(_PLAN_TEST)
+    exe = tmp_path / "plan_test"
+    subprocess.run([cxx, "-std=c++17", "-O1", "-I", str(ROOT / "csrc"), str(src), "-o", str(exe)], check=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout + out.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA tests
+# --------------------------------------------------------------------------------------------
+
+
+def _has_cuda_kernels() -> bool:
+    if not (HAS_CUDA and HAS_OPS):
+        return False
+    from lesioncount import _ops
+
+    dev = torch.device("cuda")
+    return all(_ops.has_kernel(op, dev) for op in ("region_max", "poisson_binomial", "_poisson_binomial_backward"))
+
+
+HAS_CUDA_KERNELS = _has_cuda_kernels()
+requires_cuda_kernels = pytest.mark.skipif(
+    not HAS_CUDA_KERNELS, reason="needs a CUDA device and the compiled CUDA kernels of lesioncount"
+)
+pytestmark_cuda = [pytest.mark.cuda, requires_cuda_kernels]
+
+ops = torch.ops.lesioncount if HAS_OPS else None
+
+
+def _regions(B, shape, R, gen, dtype=torch.int32):
+    """Labels with compact runs (like lesions) plus scattered voxels; some labels left absent."""
+    lab = torch.randint(0, R + 1, (B,) + shape, generator=gen)
+    runs = torch.randint(0, R + 1, (B, shape[0], 1) + shape[2:], generator=gen).expand_as(lab)
+    lab = torch.where(torch.rand(lab.shape, generator=gen) < 0.7, runs, lab)
+    if R >= 3:
+        lab[lab == 2] = 0  # region 2 absent everywhere
+    return lab.to(dtype).contiguous()
+
+
+@pytest.mark.cuda
+@requires_cuda_kernels
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("label_dtype", [torch.int32, torch.int64])
+def test_region_max_parity_bitwise(dtype, label_dtype):
+    gen = torch.Generator().manual_seed(1)
+    for B, shape, R in [(3, (7, 33, 65), 40), (1, (1, 1, 1), 1), (2, (4, 5, 300), 3), (4, (17, 9), 200)]:
+        lab = _regions(B, shape, R, gen, label_dtype)
+        # quantised values: many ties inside a region, negative values and both zeros present
+        x = (torch.randint(-4, 9, (B,) + shape, generator=gen).to(torch.float64) / 4).to(dtype)
+        x[x == 0] = torch.where(torch.rand(int((x == 0).sum()), generator=gen) < 0.5, 0.0, -0.0).to(dtype)
+        v_cpu, i_cpu = ops.region_max(x, lab, R)
+        v_gpu, i_gpu = ops.region_max(x.cuda(), lab.cuda(), R)
+        assert torch.equal(i_gpu.cpu(), i_cpu)
+        # bitwise, including the sign of zero
+        assert torch.equal(v_gpu.cpu().view(torch.int16 if dtype.itemsize == 2 else
+                                             (torch.int32 if dtype.itemsize == 4 else torch.int64)),
+                           v_cpu.view(torch.int16 if dtype.itemsize == 2 else
+                                      (torch.int32 if dtype.itemsize == 4 else torch.int64)))
+
+
+@pytest.mark.cuda
+@requires_cuda_kernels
+def test_region_max_ties_absent_and_empty():
+    x = torch.tensor([[0.5, 0.9, 0.9, 0.1, 0.9, 0.3]], device="cuda")
+    lab = torch.tensor([[1, 1, 1, 0, 3, 3]], dtype=torch.int32, device="cuda")
+    v, i = ops.region_max(x, lab, 4)
+    assert i.tolist() == [[1, -1, 4, -1]]
+    assert v.tolist() == [[pytest.approx(0.9), 0.0, pytest.approx(0.9), 0.0]]
+    v, i = ops.region_max(x, lab, 0 + 4)
+    v0, i0 = ops.region_max(x[:0], lab[:0], 3)
+    assert v0.shape == (0, 3) and i0.shape == (0, 3)
+    z = torch.zeros(2, 5, device="cuda")
+    v, i = ops.region_max(z, torch.zeros_like(z, dtype=torch.int64), 0)
+    assert v.shape == (2, 0) and i.shape == (2, 0)
+    # a big item: the warp pre-aggregation crosses tiles and blocks
+    x = torch.rand(2, 64, 96, 96, device="cuda")
+    lab = (torch.arange(64 * 96 * 96, device="cuda").reshape(64, 96, 96) // 1000 % 50).to(torch.int32).expand(2, -1, -1, -1).contiguous()
+    v, i = ops.region_max(x, lab, 50)
+    vc, ic = ops.region_max(x.cpu(), lab.cpu(), 50)
+    assert torch.equal(i.cpu(), ic) and torch.equal(v.cpu(), vc)
+
+
+@pytest.mark.cuda
+@requires_cuda_kernels
+def test_region_max_deterministic():
+    gen = torch.Generator().manual_seed(3)
+    lab = _regions(2, (16, 64, 64), 30, gen).cuda()
+    x = (torch.randint(0, 3, lab.shape, generator=gen).float() / 2).cuda()  # ties everywhere
+    ref = ops.region_max(x, lab, 30)
+    for _ in range(5):
+        out = ops.region_max(x, lab, 30)
+        assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+def _pb_inputs(B, K, gen, from_logits):
+    if from_logits:
+        z = torch.randn(B, K, generator=gen, dtype=torch.float64) * 4
+        if K:
+            z[:, 0] = 40.0  # saturated
+            z[:, -1] = -math.inf  # padding
+        return z
+    p = torch.rand(B, K, generator=gen, dtype=torch.float64)
+    p = torch.where(torch.rand(B, K, generator=gen) < 0.5, p * 0.1, p)
+    if K >= 3:
+        p[:, 0] = 1.0
+        p[:, 1] = 0.0
+        p[:, 2] = 0.999
+    return p
+
+
+PB_CASES = [(K, M) for K in (0, 1, 20, 2000) for M in sorted({0, 5, K})]
+
+
+@pytest.mark.cuda
+@requires_cuda_kernels
+@pytest.mark.parametrize("K,M", PB_CASES)
+@pytest.mark.parametrize("mode", ["linear", "log", "logits", "logits-log"])
+def test_poisson_binomial_parity(K, M, mode):
+    log_space = "log" in mode
+    from_logits = "logits" in mode
+    gen = torch.Generator().manual_seed(K * 31 + M)
+    x = _pb_inputs(5, K, gen, from_logits)
+    cpu = ops.poisson_binomial(x, M, log_space, from_logits)
+    gpu = ops.poisson_binomial(x.cuda(), M, log_space, from_logits).cpu()
+    if log_space:  # pmf to 1e-12, log-pmf relative
+        torch.testing.assert_close(gpu.exp(), cpu.exp(), rtol=1e-12, atol=1e-12)
+        finite = torch.isfinite(cpu)
+        assert torch.equal(finite, torch.isfinite(gpu))
+        torch.testing.assert_close(gpu[finite], cpu[finite], rtol=1e-10, atol=1e-12)
+    else:
+        torch.testing.assert_close(gpu, cpu, rtol=1e-12, atol=1e-12)
+    # backward parity
+    w = torch.randn(5, M + 1, generator=gen, dtype=torch.float64)
+    if log_space:
+        w = torch.where(torch.isfinite(cpu), w, 0.0)
+    g_cpu = ops._poisson_binomial_backward(w, x, M, log_space, from_logits)
+    g_gpu = ops._poisson_binomial_backward(w.cuda(), x.cuda(), M, log_space, from_logits).cpu()
+    scale = g_cpu.abs().max().clamp_min(1.0) if g_cpu.numel() else 1.0
+    torch.testing.assert_close(g_gpu, g_cpu, rtol=1e-9, atol=1e-10 * float(scale))
+
+
+@pytest.mark.cuda
+@requires_cuda_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_poisson_binomial_low_precision_parity(dtype):
+    gen = torch.Generator().manual_seed(7)
+    x = torch.rand(6, 300, generator=gen).to(dtype)
+    for M, log_space in [(4, True), (4, False), (40, True), (40, False)]:
+        cpu = ops.poisson_binomial(x, M, log_space, False)
+        gpu = ops.poisson_binomial(x.cuda(), M, log_space, False).cpu()
+        torch.testing.assert_close(gpu.float(), cpu.float(), rtol=2e-3 if dtype != torch.float32 else 1e-6, atol=1e-6)
+
+
+@pytest.mark.cuda
+@requires_cuda_kernels
+def test_poisson_binomial_large_k_small_m():
+    gen = torch.Generator().manual_seed(11)
+    x = (torch.rand(3, 100000, generator=gen, dtype=torch.float64) * 1e-4)
+    for log_space in (False, True):
+        cpu = ops.poisson_binomial(x, 5, log_space, False)
+        gpu = ops.poisson_binomial(x.cuda(), 5, log_space, False).cpu()
+        if log_space:
+            cpu, gpu = cpu.exp(), gpu.exp()
+        torch.testing.assert_close(gpu, cpu, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.cuda
+@requires_cuda_kernels
+@pytest.mark.parametrize("M", [3, 30])
+@pytest.mark.parametrize("log_space,from_logits", [(False, False), (True, False), (False, True), (True, True)])
+def test_gradcheck_cuda(M, log_space, from_logits):
+    import lesioncount
+
+    gen = torch.Generator().manual_seed(5)
+    if from_logits:
+        x = torch.randn(3, 40, generator=gen, dtype=torch.float64)
+    else:
+        x = torch.rand(3, 40, generator=gen, dtype=torch.float64) * 0.9 + 0.05
+    x = x.cuda().requires_grad_(True)
+    torch.autograd.gradcheck(lambda t: lesioncount.poisson_binomial(t, M, log=log_space, from_logits=from_logits), (x,))
+
+    values = torch.rand(2, 6, 7, generator=gen, dtype=torch.float64).cuda().requires_grad_(True)
+    lab = torch.randint(0, 4, (2, 6, 7), generator=gen).to(torch.int32).cuda()
+    torch.autograd.gradcheck(lambda t: lesioncount.region_max(t, lab, 4)[0], (values,))
+
+
+@pytest.mark.cuda
+@requires_cuda_kernels
+def test_opcheck_cuda():
+    gen = torch.Generator().manual_seed(9)
+    x = torch.rand(2, 5, 6, 7, generator=gen).cuda()
+    lab = torch.randint(0, 5, (2, 5, 6, 7), generator=gen).to(torch.int32).cuda()
+    torch.library.opcheck(ops.region_max, (x.requires_grad_(True), lab, 5))
+    for log_space, from_logits in [(False, False), (True, False), (True, True)]:
+        p = torch.rand(3, 25, generator=gen, dtype=torch.float64).cuda().requires_grad_(True)
+        torch.library.opcheck(ops.poisson_binomial, (p, 4, log_space, from_logits))
+        torch.library.opcheck(ops.poisson_binomial, (p, 30, log_space, from_logits))
+        g = torch.rand(3, 5, dtype=torch.float64, device="cuda")
+        torch.library.opcheck(ops._poisson_binomial_backward, (g, p.detach(), 4, log_space, from_logits),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+def _realistic(B=2, shape=(16, 48, 48)):
+    from lesioncount import synthetic
+
+    probs, _, counts = synthetic.realistic_probability_maps(B, shape, seed=3, return_masks=True)
+    return probs, counts
+
+
+@pytest.mark.cuda
+@requires_cuda_kernels
+def test_count_distribution_cuda_matches_cpu():
+    import lesioncount
+
+    probs, counts = _realistic()
+    r_cpu = lesioncount.count_distribution(probs, max_count=4)
+    r_gpu = lesioncount.count_distribution(probs.cuda(), max_count=4)
+    assert torch.equal(r_gpu.labels.cpu(), r_cpu.labels)
+    assert torch.equal(r_gpu.argmax.cpu(), r_cpu.argmax)
+    torch.testing.assert_close(r_gpu.pmf.cpu(), r_cpu.pmf, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.cuda
+@requires_cuda_kernels
+def test_count_distribution_cuda_graph_forward_backward():
+    import lesioncount
+
+    probs, counts = _realistic()
+    x = probs.cuda().requires_grad_(True)
+    target = counts.clamp(max=4).cuda()
+
+    def step():
+        r = lesioncount.count_distribution(x, max_count=4, max_lesions=32)
+        loss = -r.log_pmf.gather(1, target.view(-1, 1)).sum()
+        (g,) = torch.autograd.grad(loss, x)
+        return r.pmf, loss, g
+
+    pmf_e, loss_e, g_e = step()  # eager (also warms up the allocator / kernels)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        pmf_g, loss_g, g_g = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(pmf_g, pmf_e, rtol=0, atol=0)
+    torch.testing.assert_close(loss_g, loss_e, rtol=0, atol=0)
+    torch.testing.assert_close(g_g, g_e, rtol=0, atol=0)
+    # new data through the same graph
+    with torch.no_grad():
+        x.mul_(0.9)
+    graph.replay()
+    pmf_e2, loss_e2, g_e2 = step()
+    torch.testing.assert_close(pmf_g, pmf_e2, rtol=0, atol=0)
+    torch.testing.assert_close(g_g, g_e2, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@requires_cuda_kernels
+def test_torch_compile_fullgraph_cuda():
+    import lesioncount
+
+    probs, counts = _realistic()
+    x = probs.cuda()
+    target = counts.clamp(max=4).cuda()
+
+    def loss_fn(t):
+        r = lesioncount.count_distribution(t, max_count=4, max_lesions=32)
+        return -r.log_pmf.gather(1, target.view(-1, 1)).sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    xe = x.clone().requires_grad_(True)
+    le = loss_fn(xe)
+    le.backward()
+    xc = x.clone().requires_grad_(True)
+    lc = compiled(xc)
+    lc.backward()
+    torch.testing.assert_close(lc, le, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-6, atol=1e-7)
+
+    pb = torch.compile(lambda p: lesioncount.poisson_binomial(p, 6, log=True), fullgraph=True)
+    p = torch.rand(4, 50, device="cuda", dtype=torch.float64)
+    torch.testing.assert_close(pb(p), lesioncount.poisson_binomial(p, 6, log=True), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.cuda
+@requires_cuda_kernels
+def test_mixed_devices_rejected():
+    import lesioncount
+
+    x = torch.rand(1, 4, 4, 4, device="cuda")
+    lab = torch.ones(1, 4, 4, 4, dtype=torch.int32)
+    with pytest.raises((ValueError, RuntimeError), match=r"`input`.*`labels`"):
+        lesioncount.region_max(x, lab, 1)
+    with pytest.raises(RuntimeError, match=r"`input`.*`labels`"):
+        ops.region_max(x, lab, 1)
+    with pytest.raises(RuntimeError, match=r"`grad`.*`probs`"):
+        ops._poisson_binomial_backward(torch.ones(1, 3), torch.rand(1, 4, device="cuda"), 2, False, False)
+    with pytest.raises((ValueError, RuntimeError), match=r"`input`.*`mask`"):
+        lesioncount.count_distribution(x, mask=torch.ones(4, 4, 4, dtype=torch.bool))
+
+
+_BAD_INPUT_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch, lesioncount
+    ops = torch.ops.lesioncount
+    kind = sys.argv[1]
+    if kind == "label":
+        x = torch.rand(1, 8, device="cuda"); lab = torch.full((1, 8), 5, dtype=torch.int32, device="cuda")
+        out = ops.region_max(x, lab, 2)
+    elif kind == "nan":
+        x = torch.rand(1, 8, device="cuda"); x[0, 3] = float("nan")
+        out = ops.region_max(x, torch.ones(1, 8, dtype=torch.int32, device="cuda"), 1)
+    else:
+        p = torch.rand(2, 10, device="cuda", dtype=torch.float64); p[1, 4] = 1.5
+        out = ops.poisson_binomial(p, 3, False, False)
+    try:
+        torch.cuda.synchronize()
+    except RuntimeError as exc:  # the asynchronous device assertion surfaces here
+        print("DEVICE-ERROR", exc)
+        sys.exit(3)
+    print("NO-ERROR")
+    """
+)
+
+
+@pytest.mark.cuda
+@requires_cuda_kernels
+@pytest.mark.parametrize("kind", ["label", "nan", "probs"])
+def test_bad_inputs_raise_asynchronously(kind):
+    # a device-side assertion poisons the CUDA context: run it in a subprocess
+    env = dict(os.environ)
+    out = subprocess.run([sys.executable, "-c", _BAD_INPUT_SCRIPT, kind], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode != 0 and "NO-ERROR" not in out.stdout, out.stdout + out.stderr
