@@ -4,7 +4,9 @@
 // "kernel" as a sequential loop over its grid, with the sequential atomics policy. A nonzero `seed`
 // visits the blocks of every phase in a pseudo-random order (the GPU runs them in any order), so
 // the tests can check the result does not depend on it. `wide` runs the int64 index/label path
-// (used from 2^31 voxels per item) on small inputs. NaN behaves as on the GPU: num[b] = -1 and
+// (used from 2^31 voxels per item) on small inputs. `threads` > 1 runs every phase with that many
+// std::threads at once, interleaving their blocks, with real atomics (ThreadAtomics below): the
+// lock-free union of the merge phase then races as it does on the GPU. NaN behaves as on the GPU: num[b] = -1 and
 // item b's labels are all 0.
 //
 // `_label_block_tables` exports the block geometry tables for unit tests of the index arithmetic.
@@ -15,6 +17,7 @@
 #include <cstdint>
 #include <limits>
 #include <numeric>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -26,6 +29,22 @@ namespace {
 
 using buf::HostAtomics;
 using buf::Problem;
+
+// Atomics policy for the multi-threaded emulation (GCC builtins; relaxed, as CUDA's atomics are).
+struct ThreadAtomics {
+  template <typename T>
+  static T load(const T* p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+  template <typename T>
+  static T fetch_min(T* p, T v) {  // returns the previous value, like atomicMin
+    T old = __atomic_load_n(p, __ATOMIC_RELAXED);
+    while (v < old && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
+    return old;
+  }
+  template <typename T>
+  static T fetch_add(T* p, T v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+  static uint32_t fetch_or(uint32_t* p, uint32_t v) { return __atomic_fetch_or(p, v, __ATOMIC_RELAXED); }
+};
 
 template <typename T>
 struct HostForeground {
@@ -66,30 +85,50 @@ std::vector<int64_t> visit_order(int64_t n, uint64_t seed, int phase) {
   return order;
 }
 
-template <int Conn, typename index_t, typename Foreground>
-void emulate(Problem<index_t>& p, const Foreground& fg, uint64_t seed) {
-  // Visits (b, blk) pairs of the whole grid, in a permuted order when seeded.
+// Runs `body(b, blk)` over the whole (batch x blocks) grid: one "kernel". With several threads,
+// thread t takes grid positions t, t + T, t + 2T, ... of the visit order, all at once.
+template <typename index_t, typename Body>
+void run_grid(const Problem<index_t>& p, uint64_t seed, int phase, int threads, const Body& body) {
   const int64_t grid = p.batch * static_cast<int64_t>(p.nblocks);
-  auto run_phase = [&](int phase, auto&& body) {
-    for (int64_t t : visit_order(grid, seed, phase)) body(t / p.nblocks, static_cast<index_t>(t % p.nblocks));
+  const std::vector<int64_t> order = visit_order(grid, seed, phase);
+  auto work = [&](int t, int stride) {
+    for (int64_t k = t; k < grid; k += stride)
+      body(order[k] / p.nblocks, static_cast<index_t>(order[k] % p.nblocks));
   };
-  run_phase(1, [&](int64_t b, index_t blk) { buf::init_block<Conn, HostAtomics>(p, b, blk, fg); });
-  run_phase(2, [&](int64_t b, index_t blk) { buf::merge_block<Conn, HostAtomics>(p, b, blk); });
-  run_phase(3, [&](int64_t b, index_t blk) { buf::compress_block<Conn, HostAtomics>(p, b, blk); });
+  if (threads <= 1) {
+    work(0, 1);
+    return;
+  }
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) pool.emplace_back(work, t, threads);
+  for (auto& th : pool) th.join();  // the kernel boundary
+}
+
+template <int Conn, typename A, typename index_t, typename Foreground>
+void emulate(Problem<index_t>& p, const Foreground& fg, uint64_t seed, int threads) {
+  run_grid(p, seed, 1, threads, [&](int64_t b, index_t blk) { buf::init_block<Conn, A>(p, b, blk, fg); });
+  run_grid(p, seed, 2, threads, [&](int64_t b, index_t blk) { buf::merge_block<Conn, A>(p, b, blk); });
+  run_grid(p, seed, 3, threads, [&](int64_t b, index_t blk) { buf::compress_block<Conn, A>(p, b, blk); });
   if (p.min_size > 1)
-    run_phase(4, [&](int64_t b, index_t blk) { buf::flag_block<Conn, HostAtomics>(p, b, blk); });
+    run_grid(p, seed, 4, threads, [&](int64_t b, index_t blk) { buf::flag_block<Conn, A>(p, b, blk); });
   buf::scan_roots_host(p);
-  run_phase(6, [&](int64_t b, index_t blk) { buf::final_block<Conn>(p, b, blk); });
+  run_grid(p, seed, 6, threads, [&](int64_t b, index_t blk) { buf::final_block<Conn>(p, b, blk); });
+}
+
+template <int Conn, typename index_t, typename Foreground>
+void emulate_policy(Problem<index_t>& p, const Foreground& fg, uint64_t seed, int threads) {
+  if (threads > 1) emulate<Conn, ThreadAtomics>(p, fg, seed, threads);
+  else emulate<Conn, HostAtomics>(p, fg, seed, 1);
 }
 
 template <typename index_t, typename Foreground>
-void emulate_conn(int conn, Problem<index_t>& p, const Foreground& fg, uint64_t seed) {
+void emulate_conn(int conn, Problem<index_t>& p, const Foreground& fg, uint64_t seed, int threads) {
   switch (conn) {
-    case 4: emulate<4>(p, fg, seed); break;
-    case 8: emulate<8>(p, fg, seed); break;
-    case 6: emulate<6>(p, fg, seed); break;
-    case 18: emulate<18>(p, fg, seed); break;
-    case 26: emulate<26>(p, fg, seed); break;
+    case 4: emulate_policy<4>(p, fg, seed, threads); break;
+    case 8: emulate_policy<8>(p, fg, seed, threads); break;
+    case 6: emulate_policy<6>(p, fg, seed, threads); break;
+    case 18: emulate_policy<18>(p, fg, seed, threads); break;
+    case 26: emulate_policy<26>(p, fg, seed, threads); break;
     default: TORCH_CHECK(false, "bad connectivity");
   }
 }
@@ -97,7 +136,7 @@ void emulate_conn(int conn, Problem<index_t>& p, const Foreground& fg, uint64_t 
 template <typename index_t>
 std::tuple<at::Tensor, at::Tensor> emulate_typed(const at::Tensor& x, int64_t batch, int64_t depth, int64_t height,
                                                  int64_t width, double threshold, int conn, int64_t min_size,
-                                                 uint64_t seed, at::ScalarType label_type) {
+                                                 uint64_t seed, int threads, at::ScalarType label_type) {
   Problem<index_t> p;
   buf::set_shape(p, conn, batch, depth, height, width, min_size);
   at::Tensor labels = at::empty(x.sizes(), x.options().dtype(label_type));
@@ -122,19 +161,19 @@ std::tuple<at::Tensor, at::Tensor> emulate_typed(const at::Tensor& x, int64_t ba
   switch (x.scalar_type()) {
     case at::kBool:
     case at::kByte:
-      emulate_conn(conn, p, HostForeground<uint8_t>{static_cast<const uint8_t*>(x.const_data_ptr()), fbound}, seed);
+      emulate_conn(conn, p, HostForeground<uint8_t>{static_cast<const uint8_t*>(x.const_data_ptr()), fbound}, seed, threads);
       break;
     case at::kHalf:
-      emulate_conn(conn, p, HostForeground<at::Half>{x.const_data_ptr<at::Half>(), fbound}, seed);
+      emulate_conn(conn, p, HostForeground<at::Half>{x.const_data_ptr<at::Half>(), fbound}, seed, threads);
       break;
     case at::kBFloat16:
-      emulate_conn(conn, p, HostForeground<at::BFloat16>{x.const_data_ptr<at::BFloat16>(), fbound}, seed);
+      emulate_conn(conn, p, HostForeground<at::BFloat16>{x.const_data_ptr<at::BFloat16>(), fbound}, seed, threads);
       break;
     case at::kFloat:
-      emulate_conn(conn, p, HostForeground<float>{x.const_data_ptr<float>(), fbound}, seed);
+      emulate_conn(conn, p, HostForeground<float>{x.const_data_ptr<float>(), fbound}, seed, threads);
       break;
     case at::kDouble:
-      emulate_conn(conn, p, HostForegroundDouble{x.const_data_ptr<double>(), threshold}, seed);
+      emulate_conn(conn, p, HostForegroundDouble{x.const_data_ptr<double>(), threshold}, seed, threads);
       break;
     default:
       TORCH_CHECK(false, "_label_block_emulation: unsupported dtype ", x.scalar_type());
@@ -144,13 +183,14 @@ std::tuple<at::Tensor, at::Tensor> emulate_typed(const at::Tensor& x, int64_t ba
 
 std::tuple<at::Tensor, at::Tensor> label_block_emulation(const at::Tensor& input, double threshold,
                                                         int64_t connectivity, int64_t min_size, int64_t seed,
-                                                        bool wide) {
+                                                        bool wide, int64_t threads) {
   TORCH_CHECK(input.dim() == 3 || input.dim() == 4, "_label_block_emulation: input must be (B, H, W) or (B, D, H, W)");
   const int spatial_rank = static_cast<int>(input.dim()) - 1;
   TORCH_CHECK(is_valid_connectivity(spatial_rank, connectivity), "_label_block_emulation: bad connectivity ",
               connectivity);
   TORCH_CHECK(min_size >= 0, "_label_block_emulation: min_size must be >= 0");
   TORCH_CHECK(input.device().is_cpu(), "_label_block_emulation: expected a CPU tensor");
+  TORCH_CHECK(threads >= 1 && threads <= 256, "_label_block_emulation: threads must be in [1, 256]");
   const at::Tensor x = input.contiguous();
   const int64_t batch = x.size(0);
   const int64_t depth = spatial_rank == 3 ? x.size(1) : 1;
@@ -158,9 +198,9 @@ std::tuple<at::Tensor, at::Tensor> label_block_emulation(const at::Tensor& input
   // `wide` forces the int64 index path (taken automatically from 2^31 voxels per item).
   if (wide || depth * height * width >= (int64_t(1) << 31))
     return emulate_typed<int64_t>(x, batch, depth, height, width, threshold, (int)connectivity, min_size,
-                                  static_cast<uint64_t>(seed), at::kLong);
+                                  static_cast<uint64_t>(seed), static_cast<int>(threads), at::kLong);
   return emulate_typed<int32_t>(x, batch, depth, height, width, threshold, (int)connectivity, min_size,
-                                static_cast<uint64_t>(seed), at::kInt);
+                                static_cast<uint64_t>(seed), static_cast<int>(threads), at::kInt);
 }
 
 // Tables of the block geometry for `connectivity`, as an int64 tensor of shape (27 + 13 + 256, 8):
