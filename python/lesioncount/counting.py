@@ -133,7 +133,9 @@ def count_distribution(
     labels, num = label(x.detach(), label_threshold, connectivity, min_size)
 
     if max_lesions is None:
-        num_regions = int(num.max()) if batch > 0 else 0  # the one host sync
+        lowest, num_regions = torch.stack([num.min(), num.max()]).tolist() if batch > 0 else (0, 0)  # the one host sync
+        if lowest < 0:  # the CUDA labeler reports NaN input as num = -1 (it cannot raise without a sync)
+            raise ValueError("`input` contains NaN")
         values, argmax = region_max(x, labels, num_regions)
         ids = torch.arange(1, num_regions + 1, device=x.device, dtype=torch.int64).expand(batch, -1)
         truncated = torch.zeros(batch, dtype=torch.bool, device=x.device)
