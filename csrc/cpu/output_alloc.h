@@ -25,7 +25,10 @@ struct ZeroedOutput {
 };
 
 // Returns an uninitialised small tensor (zeroed = false) or a zero-filled large one (zeroed = true).
-inline ZeroedOutput empty_or_zeroed_cpu_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+// `dense`: the kernel will write most of the output (use huge pages); otherwise it writes a few
+// scattered entries (4 KiB pages, so each touched spot costs 4 KiB of zeroing, not 2 MiB).
+inline ZeroedOutput empty_or_zeroed_cpu_output(at::IntArrayRef sizes, const at::TensorOptions& options,
+                                               bool dense = true) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr size_t kHugePage = size_t(2) << 20;
   const size_t nbytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
@@ -35,7 +38,7 @@ inline ZeroedOutput empty_or_zeroed_cpu_output(at::IntArrayRef sizes, const at::
     if (base != MAP_FAILED) {
       const uintptr_t aligned = (reinterpret_cast<uintptr_t>(base) + kHugePage - 1) & ~(uintptr_t(kHugePage) - 1);
       void* data = reinterpret_cast<void*>(aligned);
-      madvise(data, mapped - (aligned - reinterpret_cast<uintptr_t>(base)), MADV_HUGEPAGE);  // advisory
+      if (dense) madvise(data, mapped - (aligned - reinterpret_cast<uintptr_t>(base)), MADV_HUGEPAGE);  // advisory
       auto release = [base, mapped](void*) { munmap(base, mapped); };
       return {at::from_blob(data, sizes, release, options.device(at::kCPU)), true};
     }

@@ -199,7 +199,7 @@ at::Tensor region_max_backward_cpu(const at::Tensor& grad_values, const at::Tens
   TORCH_CHECK(argmax.scalar_type() == at::kLong, "_region_max_backward: `argmax` must be int64");
   TORCH_CHECK(!input_shape.empty() && input_shape[0] == grad_values.size(0),
               "_region_max_backward: `input_shape` must start with the batch size ", grad_values.size(0));
-  const ZeroedOutput output = empty_or_zeroed_cpu_output(input_shape, grad_values.options());
+  const ZeroedOutput output = empty_or_zeroed_cpu_output(input_shape, grad_values.options(), /*dense=*/false);
   at::Tensor grad_input = output.tensor;
   const int64_t batch = grad_values.size(0), regions = grad_values.size(1);
   const int64_t total = grad_input.numel();
