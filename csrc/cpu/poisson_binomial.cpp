@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/op_arguments.h"
 #include "common/poisson_binomial_dp.h"
 
 namespace lesioncount {
@@ -86,11 +87,7 @@ inline void add_candidate(double* f, int64_t added, int64_t M, const CandidateFa
 }
 
 void check_probs_arg(const at::Tensor& probs, int64_t max_count, const char* op) {
-  TORCH_CHECK(probs.dim() == 2, op, ": `probs` must have shape (B, K), got ", probs.dim(),
-              " dimensions ", probs.sizes());
-  TORCH_CHECK(at::isFloatingType(probs.scalar_type()), op,
-              ": `probs` must be a floating tensor, got ", probs.scalar_type());
-  TORCH_CHECK(max_count >= 0, op, ": `max_count` must be >= 0, got ", max_count);
+  check_poisson_binomial_arguments(probs, max_count, op);
   TORCH_CHECK(probs.device().is_cpu(), op, ": expected a CPU tensor for `probs`");
 }
 

@@ -18,6 +18,7 @@
 #include <limits>
 #include <vector>
 
+#include "common/op_arguments.h"
 #include "cpu/output_alloc.h"
 
 namespace lesioncount {
@@ -78,14 +79,7 @@ bool scan_range(const scalar_t* values, const label_t* labels, int64_t begin, in
 
 std::tuple<at::Tensor, at::Tensor> region_max_cpu(const at::Tensor& input, const at::Tensor& labels,
                                                  int64_t num_regions) {
-  TORCH_CHECK(input.dim() >= 1, "region_max: `input` must have a batch dimension, got a scalar");
-  TORCH_CHECK(labels.sizes() == input.sizes(), "region_max: `labels` must have the shape of `input` ",
-              input.sizes(), ", got ", labels.sizes());
-  TORCH_CHECK(labels.scalar_type() == at::kInt || labels.scalar_type() == at::kLong,
-              "region_max: `labels` must be int32 or int64, got ", labels.scalar_type());
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
-              "region_max: `input` must be a floating tensor, got ", input.scalar_type());
-  TORCH_CHECK(num_regions >= 0, "region_max: `num_regions` must be >= 0, got ", num_regions);
+  check_region_max_arguments(input, labels, num_regions);
   TORCH_CHECK(input.device().is_cpu() && labels.device().is_cpu(),
               "region_max: `input` and `labels` must both be CPU tensors here, got ", input.device(),
               " and ", labels.device());

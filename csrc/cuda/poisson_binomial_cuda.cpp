@@ -12,6 +12,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "common/op_arguments.h"
 #include "cuda/poisson_binomial_launch.h"
 
 namespace lesioncount {
@@ -28,11 +29,7 @@ cuda::PbValueKind pb_kind(at::ScalarType t, const char* op) {
 }
 
 void check_probs_arg(const at::Tensor& probs, int64_t max_count, const char* op) {
-  TORCH_CHECK(probs.dim() == 2, op, ": `probs` must have shape (B, K), got ", probs.dim(),
-              " dimensions ", probs.sizes());
-  TORCH_CHECK(at::isFloatingType(probs.scalar_type()), op,
-              ": `probs` must be a floating tensor, got ", probs.scalar_type());
-  TORCH_CHECK(max_count >= 0, op, ": `max_count` must be >= 0, got ", max_count);
+  check_poisson_binomial_arguments(probs, max_count, op);
   TORCH_CHECK(probs.is_cuda(), op, ": expected a CUDA tensor for `probs`, got ", probs.device());
 }
 

@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "common/op_arguments.h"
 #include "cuda/region_max_launch.h"
 
 namespace lesioncount {
@@ -28,14 +29,7 @@ cuda::ValueKind value_kind(at::ScalarType t) {
 
 std::tuple<at::Tensor, at::Tensor> region_max_cuda(const at::Tensor& input, const at::Tensor& labels,
                                                   int64_t num_regions) {
-  TORCH_CHECK(input.dim() >= 1, "region_max: `input` must have a batch dimension, got a scalar");
-  TORCH_CHECK(labels.sizes() == input.sizes(), "region_max: `labels` must have the shape of `input` ",
-              input.sizes(), ", got ", labels.sizes());
-  TORCH_CHECK(labels.scalar_type() == at::kInt || labels.scalar_type() == at::kLong,
-              "region_max: `labels` must be int32 or int64, got ", labels.scalar_type());
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
-              "region_max: `input` must be a floating tensor, got ", input.scalar_type());
-  TORCH_CHECK(num_regions >= 0, "region_max: `num_regions` must be >= 0, got ", num_regions);
+  check_region_max_arguments(input, labels, num_regions);
   TORCH_CHECK(input.is_cuda() && labels.is_cuda() && input.device() == labels.device(),
               "region_max: `input` and `labels` must be on the same CUDA device, got `input` on ",
               input.device(), " and `labels` on ", labels.device());
