@@ -69,7 +69,7 @@ echo "scikit-build-core: $SKB (pyproject needs >= 0.10)"
 # ---- 2. build ----
 BUILD_LOG="$OUTDIR/build.log"
 : >"$BUILD_LOG"
-run_step build 200 "$BUILD_LOG" env LESIONCOUNT_CUDA=ON \
+run_step build 300 "$BUILD_LOG" env LESIONCOUNT_CUDA=ON \
   $PY -m pip install -v --no-build-isolation --no-index --no-deps . \
   -Cbuild-dir=build/gpu-check -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90
 BUILD_RC=$?
