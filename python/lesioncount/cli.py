@@ -56,7 +56,7 @@ def run_demo(args: argparse.Namespace) -> int:
             for lesion_id, p, voxel, size in rows:
                 print(f"   {lesion_id:>4} {p:>8.4f} {str(voxel):>24} {size:>6}")
     print()
-    print(f"count loss (mean -log P(C = true count)) = {float(loss):.4f}; forward+backward {elapsed * 1e3:.1f} ms; "
+    print(f"count loss (mean -log P(C = true count)) = {float(loss.detach()):.4f}; forward+backward {elapsed * 1e3:.1f} ms; "
           f"gradient reaches {nonzero} voxels (one per candidate)")
     return 0
 
