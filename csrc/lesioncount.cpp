@@ -10,6 +10,10 @@ TORCH_LIBRARY(lesioncount, m) {
   m.def("label(Tensor input, float threshold, int connectivity, int min_size) -> (Tensor labels, Tensor num)");
   // Per-region maximum and the first flat index reaching it; column r-1 holds label r.
   m.def("region_max(Tensor input, Tensor labels, int num_regions) -> (Tensor values, Tensor argmax)");
+  // The k regions with the largest maxima per item (ties: smaller label), in label order, with their
+  // argmax and label id; padded with value 0, argmax -1, id 0. Static output shape for any number of
+  // regions: the CPU path of count_distribution(max_lesions=k).
+  m.def("_region_topk(Tensor input, Tensor labels, int k) -> (Tensor values, Tensor argmax, Tensor ids)");
   // Backward of region_max: a dense zero gradient of `input_shape` with one value per region placed at
   // its argmax voxel (absent regions, argmax -1, contribute nothing).
   m.def("_region_max_backward(Tensor grad_values, Tensor argmax, SymInt[] input_shape) -> Tensor");

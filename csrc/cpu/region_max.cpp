@@ -6,7 +6,9 @@
 // an item's voxels are split into contiguous chunks with their own per-region partial results,
 // merged afterwards in chunk order (again only a strictly larger value wins), which preserves the
 // smallest-index tie rule. Absent regions get value 0 and argmax -1. Memory: O(num_regions) per
-// chunk. The backward pass (Python) scatters one gradient per region to its argmax voxel.
+// chunk. _region_topk is the same scan with per-region arrays grown to the largest label seen,
+// followed by a partial selection of the k best regions (static output shape, any region count).
+// The backward (_region_max_backward) scatters one gradient per region to its argmax voxel.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -182,6 +184,105 @@ std::tuple<at::Tensor, at::Tensor> region_max_cpu(const at::Tensor& input, const
   return {values, argmax};
 }
 
+// The k best regions of one item, without knowing the number of regions in advance: per-region
+// maxima grow with the largest label seen, then a partial selection by (value desc, label asc)
+// keeps k of them, returned in label order. Returns false on a bad label or NaN.
+template <typename scalar_t, typename label_t>
+bool topk_item(const scalar_t* values, const label_t* labels, int64_t voxels, int64_t k, scalar_t* out_v,
+               int64_t* out_i, int64_t* out_id, int64_t& bad_label, bool& saw_nan) {
+  std::vector<scalar_t> best_value;
+  std::vector<int64_t> best_index;
+  constexpr int64_t kBlock = 32;
+  for (int64_t start = 0; start < voxels; start += kBlock) {
+    const int64_t stop = std::min(voxels, start + kBlock);
+    label_t any = 0;
+    for (int64_t i = start; i < stop; ++i) any |= labels[i];
+    if (any == 0) continue;
+    for (int64_t i = start; i < stop; ++i) {
+      const int64_t lab = static_cast<int64_t>(labels[i]);
+      if (lab == 0) continue;
+      if (lab < 0) {
+        bad_label = lab;
+        return false;
+      }
+      if (lab > static_cast<int64_t>(best_index.size())) {
+        const int64_t grown = std::max<int64_t>(lab, 2 * static_cast<int64_t>(best_index.size()));
+        best_value.resize(grown, scalar_t(0));
+        best_index.resize(grown, -1);
+      }
+      if (!scan_voxel(values, labels, i, static_cast<int64_t>(best_index.size()), best_value.data(),
+                      best_index.data(), bad_label, saw_nan))
+        return false;
+    }
+  }
+  std::vector<int64_t> present;
+  for (int64_t r = 0; r < static_cast<int64_t>(best_index.size()); ++r)
+    if (best_index[r] >= 0) present.push_back(r);
+  if (static_cast<int64_t>(present.size()) > k) {
+    auto better = [&](int64_t a, int64_t b) {
+      if (best_value[a] > best_value[b]) return true;
+      if (best_value[b] > best_value[a]) return false;
+      return a < b;
+    };
+    std::nth_element(present.begin(), present.begin() + k, present.end(), better);
+    present.resize(k);
+    std::sort(present.begin(), present.end());
+  }
+  for (int64_t c = 0; c < k; ++c) {
+    if (c < static_cast<int64_t>(present.size())) {
+      out_v[c] = best_value[present[c]];
+      out_i[c] = best_index[present[c]];
+      out_id[c] = present[c] + 1;
+    } else {
+      out_v[c] = scalar_t(0);
+      out_i[c] = -1;
+      out_id[c] = 0;
+    }
+  }
+  return true;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> region_topk_cpu(const at::Tensor& input, const at::Tensor& labels,
+                                                              int64_t k) {
+  check_region_max_arguments(input, labels, k);
+  TORCH_CHECK(input.device().is_cpu() && labels.device().is_cpu(),
+              "_region_topk: `input` and `labels` must both be CPU tensors here, got ", input.device(),
+              " and ", labels.device());
+  const int64_t batch = input.size(0);
+  const int64_t item_voxels = batch == 0 ? 0 : input.numel() / batch;
+  const at::Tensor x = input.contiguous();
+  const at::Tensor lab = labels.contiguous();
+  at::Tensor values = at::empty({batch, k}, x.options());
+  at::Tensor argmax = at::empty({batch, k}, x.options().dtype(at::kLong));
+  at::Tensor ids = at::empty({batch, k}, x.options().dtype(at::kLong));
+  std::vector<int64_t> bad_label(batch, 0);
+  std::vector<uint8_t> item_nan(batch, 0), item_ok(batch, 1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lesioncount_region_topk", [&] {
+    auto with_labels = [&](auto label_tag) {
+      using label_t = decltype(label_tag);
+      const scalar_t* xv = x.data_ptr<scalar_t>();
+      const label_t* lv = lab.data_ptr<label_t>();
+      at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          bool nan = false;
+          item_ok[b] = topk_item(xv + b * item_voxels, lv + b * item_voxels, item_voxels, k,
+                                 values.data_ptr<scalar_t>() + b * k, argmax.data_ptr<int64_t>() + b * k,
+                                 ids.data_ptr<int64_t>() + b * k, bad_label[b], nan);
+          item_nan[b] = nan;
+        }
+      });
+    };
+    if (lab.scalar_type() == at::kInt) with_labels(int32_t{});
+    else with_labels(int64_t{});
+  });
+  for (int64_t b = 0; b < batch; ++b) {
+    if (item_ok[b]) continue;
+    TORCH_CHECK(!item_nan[b], "_region_topk: `input` contains NaN inside a region (batch item ", b, ")");
+    TORCH_CHECK(false, "_region_topk: `labels` must be >= 0, found ", bad_label[b], " in batch item ", b);
+  }
+  return {values, argmax, ids};
+}
+
 // Sparse backward: a zero dense gradient (large ones come zero-filled from the kernel, see
 // cpu/output_alloc.h; small ones are memset) plus one scattered value per present region.
 at::Tensor region_max_backward_cpu(const at::Tensor& grad_values, const at::Tensor& argmax,
@@ -228,6 +329,7 @@ at::Tensor region_max_backward_cpu(const at::Tensor& grad_values, const at::Tens
 TORCH_LIBRARY_IMPL(lesioncount, CPU, m) {
   m.impl("region_max", &region_max_cpu);
   m.impl("_region_max_backward", &region_max_backward_cpu);
+  m.impl("_region_topk", &region_topk_cpu);
 }
 
 }  // namespace lesioncount

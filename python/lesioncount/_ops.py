@@ -54,7 +54,10 @@ def warn_fallback() -> None:
         )
 
 
-_OP_NAMES = ("label", "region_max", "_region_max_backward", "poisson_binomial", "_poisson_binomial_backward")
+_OP_NAMES = (
+    "label", "region_max", "_region_topk", "_region_max_backward", "poisson_binomial",
+    "_poisson_binomial_backward",
+)
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 # Looked up once at import so that torch.compile traces a plain dict lookup.
 _KERNELS = {
@@ -108,6 +111,14 @@ if HAS_OPS:
         argmax = input.new_empty((input.shape[0], num_regions), dtype=torch.int64)
         return values, argmax
 
+    @torch.library.register_fake("lesioncount::_region_topk")
+    def _region_topk_fake(input, labels, k):
+        torch._check(labels.shape == input.shape, lambda: "_region_topk: `labels` must have the shape of `input`")
+        values = input.new_empty((input.shape[0], k))
+        argmax = input.new_empty((input.shape[0], k), dtype=torch.int64)
+        ids = input.new_empty((input.shape[0], k), dtype=torch.int64)
+        return values, argmax, ids
+
     @torch.library.register_fake("lesioncount::_region_max_backward")
     def _region_max_backward_fake(grad_values, argmax, input_shape):
         return grad_values.new_empty(input_shape)
@@ -139,6 +150,25 @@ if HAS_OPS:
 
     torch.library.register_autograd(
         "lesioncount::region_max", _region_max_backward, setup_context=_region_max_setup
+    )
+
+    def _region_topk_setup(ctx, inputs, output):
+        input, _labels, _k = inputs
+        _values, argmax, ids = output
+        ctx.save_for_backward(argmax)
+        ctx.input_shape = input.shape
+        ctx.mark_non_differentiable(argmax, ids)
+
+    def _region_topk_backward(ctx, grad_values, _grad_argmax, _grad_ids):
+        (argmax,) = ctx.saved_tensors
+        if has_kernel("_region_max_backward", grad_values.device):
+            grad_input = _lib._region_max_backward(grad_values, argmax, ctx.input_shape)
+        else:
+            grad_input = scatter_region_grad(grad_values, argmax, ctx.input_shape)
+        return grad_input, None, None
+
+    torch.library.register_autograd(
+        "lesioncount::_region_topk", _region_topk_backward, setup_context=_region_topk_setup
     )
 
     def _pb_setup(ctx, inputs, output):

@@ -139,7 +139,13 @@ def count_distribution(
         values, argmax = region_max(x, labels, num_regions)
         ids = torch.arange(1, num_regions + 1, device=x.device, dtype=torch.int64).expand(batch, -1)
         truncated = torch.zeros(batch, dtype=torch.bool, device=x.device)
+    elif _ops.has_kernel("_region_topk", x.device):
+        # One pass, static (B, max_lesions) output, per-item work proportional to the regions found.
+        values, argmax, ids = torch.ops.lesioncount._region_topk(x, labels, max_lesions)
+        truncated = num > max_lesions
     else:
+        # Device without _region_topk: region_max over a data-free bound on the number of
+        # components (O(voxels) memory), then top-k.
         bound = _ops.max_components(x.shape[1:], connectivity)
         values_all, argmax_all = region_max(x, labels, bound)
         present_all = argmax_all >= 0
