@@ -57,7 +57,7 @@ def _memory(benchmark, impl):
     benchmark.extra_info["mem_method"] = "subprocess VmHWM - VmRSS (clear_refs reset, MALLOC_MMAP_THRESHOLD_=65536)"
 
 
-@pytest.mark.parametrize("impl", ["lesioncount", "published"])
+@pytest.mark.parametrize("impl", ["lesioncount", "lesioncount-static64", "published"])
 def test_count_fwd_bwd(benchmark, request, count_inputs, published_once, impl):
     x, targets = count_inputs
     B = x.shape[0]
@@ -93,6 +93,26 @@ def test_count_fwd_bwd(benchmark, request, count_inputs, published_once, impl):
             torch.testing.assert_close(xg.grad, pub_grad, rtol=1e-4, atol=1e-6)
         benchmark(fn)
         benchmark.extra_info["candidates_per_item"] = num.tolist()
+    elif impl == "lesioncount-static64":
+        # the static-shape path used under torch.compile / CUDA graphs: max_lesions=64 columns
+        lc = request.getfixturevalue("lesioncount")
+
+        def fn():
+            xg.grad = None
+            r = lc.count_distribution(xg, threshold=THRESHOLD, connectivity=18, max_count=MAX_COUNT,
+                                      max_lesions=64)
+            loss = -r.log_pmf.gather(1, targets.view(-1, 1)).sum()
+            loss.backward()
+            return r
+
+        r = fn()  # correctness, outside the timed call: no item has more than 64 candidates here
+        exact = lc.count_distribution(x, threshold=THRESHOLD, connectivity=18, max_count=MAX_COUNT)
+        assert not bool(r.truncated.any())
+        torch.testing.assert_close(r.pmf, exact.pmf)
+        benchmark(fn)
+        record_throughput(benchmark, x.numel(), impl=impl, batch=B, max_count=MAX_COUNT,
+                          torch_threads=torch.get_num_threads())
+        return
     else:
 
         def fn():
