@@ -7,7 +7,9 @@
 
 TORCH_LIBRARY(lesioncount, m) {
   // Connected components of `input > threshold` per batch item, numbered like scipy.ndimage.label.
-  m.def("label(Tensor input, float threshold, int connectivity, int min_size) -> (Tensor labels, Tensor num)");
+  // check_probabilities: also reject values outside [0, 1] in the same pass (CPU; the CUDA kernel
+  // ignores it and count_distribution asserts on the device instead).
+  m.def("label(Tensor input, float threshold, int connectivity, int min_size, bool check_probabilities=False) -> (Tensor labels, Tensor num)");
   // Per-region maximum and the first flat index reaching it; column r-1 holds label r.
   m.def("region_max(Tensor input, Tensor labels, int num_regions) -> (Tensor values, Tensor argmax)");
   // The k regions with the largest maxima per item (ties: smaller label), in label order, with their

@@ -65,10 +65,11 @@ constexpr bool is_floating_input(c10::ScalarType t) {
 }
 
 // Thresholds one row into `mask` (1 byte per voxel). Returns true if any voxel is foreground; sets
-// `saw_nan` when a NaN is present.
-template <typename scalar_t>
+// `saw_bad` when a NaN is present or, with kCheckProbabilities, a value outside [0, 1] (checked in
+// the same pass, so count_distribution needs no separate range check on the CPU).
+template <bool kCheckProbabilities, typename scalar_t>
 inline bool threshold_row(const scalar_t* row, int64_t width, const ForegroundTest<scalar_t>& test,
-                          uint8_t* mask, bool& saw_nan) {
+                          uint8_t* mask, bool& saw_bad) {
   using compare_t = typename ForegroundTest<scalar_t>::compare_t;
   const compare_t bound = test.bound;
   uint8_t any = 0;
@@ -79,8 +80,9 @@ inline bool threshold_row(const scalar_t* row, int64_t width, const ForegroundTe
     mask[x] = fg;
     any |= fg;
     if constexpr (!std::is_integral_v<scalar_t> && !std::is_same_v<scalar_t, bool>) nan |= (v != v);
+    if constexpr (kCheckProbabilities) nan |= (v < compare_t(0)) | (v > compare_t(1));
   }
-  if (nan) saw_nan = true;
+  if (nan) saw_bad = true;
   return any != 0;
 }
 
@@ -161,7 +163,7 @@ inline void merge_rows(const Run* runs, index_t* parent, index_t cur_begin, inde
 template <typename scalar_t, typename label_t, typename index_t>
 int64_t label_item(const scalar_t* input, label_t* labels_out, int64_t depth, int64_t height,
                    int64_t width, double threshold, int connectivity, int64_t min_size,
-                   bool output_zeroed, bool& saw_nan, bool allow_parallel) {
+                   bool check_probabilities, bool output_zeroed, bool& saw_nan, bool allow_parallel) {
   const int64_t num_rows = depth * height;
   const ForegroundTest<scalar_t> test(threshold);
   PrecedingRow neighbours[4];
@@ -187,7 +189,10 @@ int64_t label_item(const scalar_t* input, label_t* labels_out, int64_t depth, in
       bool nan = false;
       for (int64_t r = chunk_first_row[c]; r < chunk_first_row[c + 1]; ++r) {
         row_begin[r] = static_cast<index_t>(runs.size());  // local for now
-        if (threshold_row(input + r * width, width, test, mask.data(), nan))
+        const bool any = check_probabilities
+                             ? threshold_row<true>(input + r * width, width, test, mask.data(), nan)
+                             : threshold_row<false>(input + r * width, width, test, mask.data(), nan);
+        if (any)
           extract_runs(mask.data(), static_cast<int32_t>(width), runs);
       }
       chunk_nan[c] = nan;
@@ -295,7 +300,8 @@ int64_t label_item(const scalar_t* input, label_t* labels_out, int64_t depth, in
 }
 
 std::tuple<at::Tensor, at::Tensor> label_cpu(const at::Tensor& input, double threshold,
-                                            int64_t connectivity, int64_t min_size) {
+                                            int64_t connectivity, int64_t min_size,
+                                            bool check_probabilities) {
   TORCH_CHECK(input.dim() == 3 || input.dim() == 4,
               "label: `input` must have shape (B, H, W) for 2D or (B, D, H, W) for 3D, got ",
               input.dim(), " dimensions ", input.sizes());
@@ -337,11 +343,13 @@ std::tuple<at::Tensor, at::Tensor> label_cpu(const at::Tensor& input, double thr
       if (wide) {
         num_ptr[b] = label_item<scalar_t, int64_t, int64_t>(
             in_ptr + b * item_voxels, labels.data_ptr<int64_t>() + b * item_voxels, depth, height,
-            width, threshold, (int)connectivity, min_size, output_zeroed, nan, !items_in_parallel);
+            width, threshold, (int)connectivity, min_size, check_probabilities, output_zeroed, nan,
+            !items_in_parallel);
       } else {
         num_ptr[b] = label_item<scalar_t, int32_t, int32_t>(
             in_ptr + b * item_voxels, labels.data_ptr<int32_t>() + b * item_voxels, depth, height,
-            width, threshold, (int)connectivity, min_size, output_zeroed, nan, !items_in_parallel);
+            width, threshold, (int)connectivity, min_size, check_probabilities, output_zeroed, nan,
+            !items_in_parallel);
       }
       item_nan[b] = nan;
     };
@@ -363,7 +371,10 @@ std::tuple<at::Tensor, at::Tensor> label_cpu(const at::Tensor& input, double thr
     default: TORCH_CHECK(false, "label: unsupported dtype ", dtype);
   }
   for (int64_t b = 0; b < batch; ++b)
-    TORCH_CHECK(!item_nan[b], "label: `input` contains NaN (batch item ", b, ")");
+    TORCH_CHECK(!item_nan[b], "label: `input` ",
+                check_probabilities ? "must hold probabilities in [0, 1] without NaN (pass from_logits=True for logits)"
+                                    : "contains NaN",
+                " (batch item ", b, ")");
   return {labels, num};
 }
 

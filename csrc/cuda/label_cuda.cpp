@@ -19,8 +19,10 @@
 namespace lesioncount {
 namespace {
 
+// `check_probabilities` is accepted for schema compatibility and not enforced here: raising would need
+// a host sync; count_distribution checks CUDA inputs with a device-side assertion instead.
 std::tuple<at::Tensor, at::Tensor> label_cuda(const at::Tensor& input, double threshold, int64_t connectivity,
-                                             int64_t min_size) {
+                                             int64_t min_size, bool /*check_probabilities*/) {
   TORCH_CHECK(input.dim() == 3 || input.dim() == 4,
               "label: `input` must have shape (B, H, W) for 2D or (B, D, H, W) for 3D, got ", input.dim(),
               " dimensions ", input.sizes());

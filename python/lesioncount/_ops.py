@@ -95,7 +95,7 @@ if HAS_OPS:
     _lib = torch.ops.lesioncount
 
     @torch.library.register_fake("lesioncount::label")
-    def _label_fake(input, threshold, connectivity, min_size):
+    def _label_fake(input, threshold, connectivity, min_size, check_probabilities=False):
         item = 1
         for s in input.shape[1:]:
             item = item * s

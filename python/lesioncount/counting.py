@@ -69,7 +69,8 @@ def _prepare(input, threshold, connectivity, from_logits, mask):
         raise TypeError(f"`input` must be a floating tensor of probabilities or logits, got {x.dtype}")
     check_connectivity(connectivity, x.dim() - 1)
     threshold = check_threshold(threshold, probability=True)
-    check_values(x, probabilities=not from_logits)
+    if not (x.device.type == "cpu" and _ops.has_kernel("label", x.device)):
+        check_values(x, probabilities=not from_logits)  # the CPU label kernel checks in its own pass
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
             raise TypeError("`mask` must be a torch.Tensor")
@@ -130,7 +131,11 @@ def count_distribution(
     check_nonneg_int(max_lesions, "max_lesions", allow_none=True)
     x, label_threshold = _prepare(input, threshold, connectivity, from_logits, mask)
     batch = x.shape[0]
-    labels, num = label(x.detach(), label_threshold, connectivity, min_size)
+    if _ops.has_kernel("label", x.device):
+        labels, num = torch.ops.lesioncount.label(x.detach(), label_threshold, connectivity, min_size,
+                                                  not from_logits)
+    else:
+        labels, num = label(x.detach(), label_threshold, connectivity, min_size)
 
     if max_lesions is None:
         lowest, num_regions = torch.stack([num.min(), num.max()]).tolist() if batch > 0 else (0, 0)  # the one host sync
