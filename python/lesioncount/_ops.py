@@ -140,13 +140,15 @@ if HAS_OPS:
         ctx.input_shape = input.shape
         ctx.mark_non_differentiable(argmax)
 
+    def _sparse_region_grad(grad_values, argmax, input_shape):
+        # One gradient per region at its argmax voxel: the C++ op where the device has it.
+        if has_kernel("_region_max_backward", grad_values.device):
+            return _lib._region_max_backward(grad_values, argmax, input_shape)
+        return scatter_region_grad(grad_values, argmax, input_shape)
+
     def _region_max_backward(ctx, grad_values, _grad_argmax):
         (argmax,) = ctx.saved_tensors
-        if has_kernel("_region_max_backward", grad_values.device):
-            grad_input = _lib._region_max_backward(grad_values, argmax, ctx.input_shape)
-        else:
-            grad_input = scatter_region_grad(grad_values, argmax, ctx.input_shape)
-        return grad_input, None, None
+        return _sparse_region_grad(grad_values, argmax, ctx.input_shape), None, None
 
     torch.library.register_autograd(
         "lesioncount::region_max", _region_max_backward, setup_context=_region_max_setup
@@ -161,11 +163,7 @@ if HAS_OPS:
 
     def _region_topk_backward(ctx, grad_values, _grad_argmax, _grad_ids):
         (argmax,) = ctx.saved_tensors
-        if has_kernel("_region_max_backward", grad_values.device):
-            grad_input = _lib._region_max_backward(grad_values, argmax, ctx.input_shape)
-        else:
-            grad_input = scatter_region_grad(grad_values, argmax, ctx.input_shape)
-        return grad_input, None, None
+        return _sparse_region_grad(grad_values, argmax, ctx.input_shape), None, None
 
     torch.library.register_autograd(
         "lesioncount::_region_topk", _region_topk_backward, setup_context=_region_topk_setup
