@@ -112,12 +112,13 @@ def published_count_distribution(
     spatial = tuple(probs.shape[1:])
     structure = ndimage.generate_binary_structure(len(spatial), 2)  # 18-connectivity in 3D
     s = probs.detach().cpu().numpy()
-    masks = torch.zeros((B, max_lesions) + spatial, dtype=probs.dtype)
+    # dense per-lesion masks on the input's device (the GPU benchmark runs this on CUDA tensors)
+    masks = torch.zeros((B, max_lesions) + spatial, dtype=probs.dtype, device=probs.device)
     num = []
     for b in range(B):
         lab, n = ndimage.label(s[b] > threshold, structure=structure)
         num.append(int(n))
-        lab_t = torch.from_numpy(lab)
+        lab_t = torch.from_numpy(lab).to(probs.device)
         for k in range(min(n, max_lesions)):
             masks[b, k] = (lab_t == k + 1).to(probs.dtype)
     # lesion probability = max over the lesion of S (dense masked max; autograd through the masks)

@@ -51,48 +51,15 @@ def gpu_inputs():
 
 
 def _torch_dp(p: torch.Tensor, M: int) -> torch.Tensor:
-    """(B, K) -> (B, M+1) float64 pmf with tail bin; torch ops on p's device, autograd-friendly."""
-    Bn, K = p.shape
-    p = p.to(torch.float64)
-    pmf = torch.zeros(Bn, M + 1, dtype=torch.float64, device=p.device)
-    pmf[:, 0] = 1.0
-    if M == 0:
-        return pmf + 0 * p.sum(1, keepdim=True)
-    for pk in p.t().unsqueeze(-1).unbind(0):
-        shifted = torch.nn.functional.pad(pmf[:, :-1] * pk, (1, 0))
-        tail = torch.nn.functional.pad(pmf[:, M:] * pk, (M, 0))
-        pmf = pmf * (1 - pk) + shifted + tail
-    return pmf
+    """(B, K) -> (B, M+1) float64 pmf with tail bin on p's device (the shared baseline DP)."""
+    return baselines.torch_poisson_binomial(p.to(torch.float64), M)
 
 
 def published_gpu(probs: torch.Tensor, max_count: int = MAX_COUNT, max_lesions: int = 20):
     """The published function's approach with the dense work on the GPU (labels on the host)."""
-    from scipy import ndimage
-
-    Bn = probs.shape[0]
-    spatial = tuple(probs.shape[1:])
-    structure = ndimage.generate_binary_structure(len(spatial), 2)
-    s = probs.detach().cpu().numpy()
-    masks = torch.zeros((Bn, max_lesions) + spatial, dtype=probs.dtype, device=probs.device)
-    for b in range(Bn):
-        lab, n = ndimage.label(s[b] > THRESHOLD, structure=structure)
-        lab_t = torch.from_numpy(lab).to(probs.device)
-        for k in range(min(n, max_lesions)):
-            masks[b, k] = (lab_t == k + 1).to(probs.dtype)
-    lesion_probs = (masks * probs.unsqueeze(1)).flatten(2).amax(dim=2)
-    M = max_count
-    pmf = [torch.ones(Bn, dtype=probs.dtype, device=probs.device)] + [
-        torch.zeros(Bn, dtype=probs.dtype, device=probs.device) for _ in range(M)
-    ]
-    for k in range(max_lesions):
-        p = lesion_probs[:, k]
-        q = 1 - p
-        new = [pmf[0] * q]
-        for j in range(1, M):
-            new.append(pmf[j] * q + pmf[j - 1] * p)
-        new.append(pmf[M] + pmf[M - 1] * p)
-        pmf = new
-    return torch.stack(pmf, dim=1)
+    pmf, _, _ = baselines.published_count_distribution(probs, threshold=THRESHOLD, max_lesions=max_lesions,
+                                                       max_count=max_count)
+    return pmf
 
 
 def torch_pipeline(probs: torch.Tensor, max_count: int = MAX_COUNT):
