@@ -1,4 +1,8 @@
-"""Command line: ``lesioncount demo`` (more subcommands arrive with the I/O and training modules)."""
+"""Command line: ``lesioncount demo | count | evaluate | plot | train | evaluate-model``.
+
+``demo`` lives here; every other subcommand is a module in ``lesioncount.commands`` that defines
+``register(subparsers)`` and is discovered automatically.
+"""
 from __future__ import annotations
 
 import argparse
@@ -69,12 +73,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--connectivity", type=int, default=18, choices=(6, 18, 26))
     demo.add_argument("--max-count", type=int, default=4)
     demo.set_defaults(func=run_demo)
+    import importlib
+    import pkgutil
+
+    from . import commands
+
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{commands.__name__}.{info.name}").register(sub)
     return parser
 
 
 def main(argv=None) -> int:
+    from ._extras import MissingExtraError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except MissingExtraError as exc:
+        print(f"lesioncount {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
