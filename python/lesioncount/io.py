@@ -1,0 +1,460 @@
+"""Reading probability maps and masks from disk, and writing label maps, with their geometry kept.
+
+Supported inputs (one 3-D case per file):
+
+- NIfTI ``CASE.nii`` / ``CASE.nii.gz`` (nibabel): a 3-D map, a 4-D map with a singleton 4th
+  dimension, or a multi-channel 4-D map ``(x, y, z, C)`` from which ``channel`` is taken. The
+  affine is the image's best affine (sform, else qform), as ``nibabel.load(path).affine`` gives it.
+- nnU-Net v2 ``--save_probabilities`` output ``CASE.npz`` with the key ``probabilities`` of shape
+  ``(C, z, y, x)`` (SimpleITK axis order, softmax over C classes). The lesion channel ``channel``
+  (default 1: background + lesion) is transposed to NIfTI voxel order ``(x, y, z)``. The geometry
+  comes from the sibling segmentation ``CASE.nii.gz`` that nnU-Net writes next to it (read with
+  nibabel, header only). The ``CASE.pkl`` file is never unpickled (unpickling runs arbitrary
+  code). A missing sibling is an error naming the file it looked for, unless
+  ``missing_geometry="identity"`` is passed explicitly, which uses the identity affine (1 mm
+  voxels) and warns.
+- NumPy ``CASE.npy`` holding a 3-D array already in ``(i, j, k)`` order; identity affine, 1 mm voxels.
+
+Every failure to read a case raises :class:`CaseReadError`, whose message starts with the file path
+and says what was wrong (unreadable or corrupt file, wrong rank, missing key, channel out of range,
+shape mismatch with the sibling segmentation, degenerate affine). Values are returned raw: no range
+or NaN check here (``count_distribution`` does that).
+
+Example:
+    >>> from lesioncount.io import find_cases, read_probability_map
+    >>> for path in find_cases("predictions/"):               # doctest: +SKIP
+    ...     vol = read_probability_map(path)                    # Volume: data (x, y, z), affine (4, 4)
+    ...     print(vol.name, vol.data.shape, vol.spacing)
+"""
+from __future__ import annotations
+
+import pathlib
+import warnings
+import zipfile
+from dataclasses import dataclass
+from typing import Union
+
+import numpy as np
+
+from ._extras import require
+
+__all__ = [
+    "CaseReadError",
+    "Volume",
+    "SUPPORTED_SUFFIXES",
+    "case_name",
+    "find_cases",
+    "read_probability_map",
+    "read_mask",
+    "write_label_map",
+]
+
+PathLike = Union[str, pathlib.Path]
+
+#: File name endings recognised as cases (longest first, so ``.nii.gz`` wins over ``.gz``).
+SUPPORTED_SUFFIXES = (".nii.gz", ".nii", ".npz", ".npy")
+_NNUNET_KEY = "probabilities"
+
+
+class CaseReadError(ValueError):
+    """A case file could not be read; the message starts with the file path and gives the reason."""
+
+    def __init__(self, path: PathLike, reason: str):
+        self.path = pathlib.Path(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+@dataclass
+class Volume:
+    """One 3-D case with its geometry.
+
+    Attributes:
+        data: (X, Y, Z) array in NIfTI voxel-index order (i, j, k), as nibabel returns it.
+            nnU-Net ``(C, z, y, x)`` arrays are transposed to ``(x, y, z)`` to match.
+        affine: (4, 4) float64 mapping a voxel index ``(i, j, k, 1)`` to world millimetres
+            (nibabel convention, RAS+). Identity for ``.npy`` files.
+        name: case id (file name without ``.nii.gz`` / ``.nii`` / ``.npz`` / ``.npy``).
+        path: the file the data came from.
+
+    Example:
+        >>> v = Volume(np.zeros((4, 5, 6), np.float32), np.diag([0.5, 1.0, 3.0, 1.0]), "c", pathlib.Path("c.npy"))
+        >>> v.spacing, round(v.voxel_volume, 9)
+        ((0.5, 1.0, 3.0), 1.5)
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    name: str
+    path: pathlib.Path
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along i, j, k: the column norms of ``affine[:3, :3]``."""
+        norms = np.linalg.norm(np.asarray(self.affine, dtype=np.float64)[:3, :3], axis=0)
+        return tuple(float(n) for n in norms)
+
+    @property
+    def voxel_volume(self) -> float:
+        """Volume of one voxel in mm^3: ``|det(affine[:3, :3])|`` (equals the product of the
+        spacings for any rotation/flip; also correct for sheared affines)."""
+        return float(abs(np.linalg.det(np.asarray(self.affine, dtype=np.float64)[:3, :3])))
+
+    def world(self, index: np.ndarray) -> np.ndarray:
+        """World coordinates (N, 3) in mm of voxel indices ``index`` (N, 3) (float ok).
+
+        Example:
+            >>> v = Volume(np.zeros((2, 2, 2)), np.diag([2.0, 3.0, 4.0, 1.0]), "c", pathlib.Path("c.npy"))
+            >>> v.world(np.array([[1, 1, 1]])).tolist()
+            [[2.0, 3.0, 4.0]]
+        """
+        idx = np.asarray(index, dtype=np.float64).reshape(-1, 3)
+        a = np.asarray(self.affine, dtype=np.float64)
+        return idx @ a[:3, :3].T + a[:3, 3]
+
+
+def _suffix(path: pathlib.Path) -> str | None:
+    name = path.name.lower()
+    for suffix in SUPPORTED_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return suffix
+    return None
+
+
+def case_name(path: PathLike) -> str:
+    """The case id of ``path``: its file name without a supported suffix.
+
+    Example:
+        >>> case_name("preds/BRATS_001.nii.gz"), case_name("x/case7.npz")
+        ('BRATS_001', 'case7')
+    """
+    path = pathlib.Path(path)
+    suffix = _suffix(path)
+    if suffix is None:
+        raise CaseReadError(path, f"unsupported file type (expected one of {', '.join(SUPPORTED_SUFFIXES)})")
+    return path.name[: -len(suffix)]
+
+
+def _nnunet_sibling(path: pathlib.Path) -> pathlib.Path | None:
+    """The segmentation NIfTI nnU-Net writes next to ``CASE.npz`` (``.nii.gz`` preferred), if any."""
+    stem = path.name[: -len(".npz")]
+    for suffix in (".nii.gz", ".nii"):
+        candidate = path.with_name(stem + suffix)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def find_cases(path: PathLike) -> list[pathlib.Path]:
+    """The case files under ``path``.
+
+    A file gives ``[path]`` (it must have a supported suffix). A folder gives its supported files
+    (not recursive), sorted by name, skipping the segmentation ``CASE.nii.gz`` / ``CASE.nii`` that
+    sits next to an nnU-Net ``CASE.npz`` (it only provides the geometry), and skipping hidden files.
+    Two files with the same case id (e.g. ``a.npy`` and ``a.nii.gz`` without ``a.npz``) are an error,
+    since their outputs would collide.
+
+    Example:
+        >>> find_cases("nnunet_out/")   # doctest: +SKIP
+        [PosixPath('nnunet_out/case_000.npz'), PosixPath('nnunet_out/case_001.npz')]
+    """
+    path = pathlib.Path(path)
+    if path.is_file():
+        case_name(path)  # raises for unsupported suffixes
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and _suffix(p)]
+    npz_stems = {case_name(p) for p in files if _suffix(p) == ".npz"}
+    cases = [p for p in files if not (_suffix(p) in (".nii.gz", ".nii") and case_name(p) in npz_stems)]
+    cases.sort(key=lambda p: p.name)
+    seen: dict[str, pathlib.Path] = {}
+    for p in cases:
+        name = case_name(p)
+        if name in seen:
+            raise CaseReadError(p, f"case id {name!r} is also used by {seen[name].name}; rename one of them")
+        seen[name] = p
+    return cases
+
+
+def _nibabel():
+    return require("nibabel", "reading and writing NIfTI files")
+
+
+def _check_affine(path: pathlib.Path, affine) -> np.ndarray:
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise CaseReadError(path, f"invalid affine (need a finite 4x4 matrix, got {affine.tolist()})")
+    if abs(np.linalg.det(affine[:3, :3])) <= 0.0:
+        raise CaseReadError(path, "degenerate affine (zero voxel volume); fix the NIfTI header (sform/qform)")
+    return affine
+
+
+def _load_gzipped_nifti(nib, path: pathlib.Path):
+    """A .nii.gz image decompressed in one call, or None when it is not a plain NIfTI-1/2 stream.
+
+    ``gzip.decompress`` inflates the whole file in one C call that releases the GIL, so reader
+    threads (``lesioncount count --workers``) decompress in parallel; nibabel's streaming reader
+    inflates in 8 KiB steps and takes the GIL back after each. Corrupt or truncated data raises.
+    """
+    import gzip
+
+    with open(path, "rb") as f:
+        raw = f.read()
+    data = gzip.decompress(raw)
+    del raw
+    if len(data) < 4:
+        return None
+    sizeof_hdr = {int.from_bytes(data[:4], "little"), int.from_bytes(data[:4], "big")}
+    image_class = nib.Nifti1Image if 348 in sizeof_hdr else nib.Nifti2Image if 540 in sizeof_hdr else None
+    if image_class is None:
+        return None  # not NIfTI (or a .hdr/.img pair): let nib.load say what it is
+    try:
+        return image_class.from_bytes(data)
+    except Exception:  # noqa: BLE001 - e.g. a bad header: nib.load gives the error message
+        return None
+
+
+def _load_nifti(path: pathlib.Path):
+    """(array as stored, affine) of a NIfTI file; every read failure becomes a CaseReadError."""
+    nib = _nibabel()
+    try:
+        img = _load_gzipped_nifti(nib, path) if path.name.lower().endswith(".gz") else None
+    except Exception as exc:  # truncated gzip -> EOFError, corrupt -> zlib.error / BadGzipFile ...
+        raise CaseReadError(path, f"cannot decompress, file truncated or corrupt ({type(exc).__name__}: {exc})") from exc
+    try:
+        img = img if img is not None else nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise CaseReadError(path, f"cannot read NIfTI header ({type(exc).__name__}: {exc})") from exc
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # truncated gzip -> EOFError, corrupt -> zlib.error / OSError ...
+        raise CaseReadError(path, f"cannot read image data, file truncated or corrupt ({type(exc).__name__}: {exc})") from exc
+    return data, _check_affine(path, img.affine)
+
+
+def _as_float(data: np.ndarray) -> np.ndarray:
+    if data.dtype in (np.float32, np.float64):
+        return data
+    if data.dtype.kind in "fiub":
+        return data.astype(np.float32)
+    raise TypeError(f"unsupported data type {data.dtype}")
+
+
+def _select_nifti_channel(path: pathlib.Path, data: np.ndarray, channel: int | None) -> np.ndarray:
+    """(x, y, z), (x, y, z, 1) or (x, y, z, C) -> (x, y, z). Extra trailing singleton dims are dropped."""
+    while data.ndim > 4 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim == 4:
+        if channel is None:
+            raise CaseReadError(path, f"expected a 3-D image, got 4-D shape {data.shape} with {data.shape[3]} channels")
+        if not 0 <= channel < data.shape[3]:
+            raise CaseReadError(
+                path, f"channel {channel} out of range: the image has {data.shape[3]} channels (shape {data.shape})"
+            )
+        data = data[..., channel]
+    if data.ndim != 3:
+        raise CaseReadError(
+            path, f"expected a 3-D image (x, y, z) or 4-D (x, y, z, C), got {data.ndim}-D shape {data.shape}"
+        )
+    return data
+
+
+def _read_npz_channel(path: pathlib.Path, channel: int) -> np.ndarray:
+    """The ``channel`` of an nnU-Net ``probabilities`` array, transposed (z, y, x) -> (x, y, z)."""
+    try:
+        with np.load(str(path), allow_pickle=False) as archive:
+            if _NNUNET_KEY not in archive.files:
+                raise CaseReadError(
+                    path, f"missing key {_NNUNET_KEY!r} (nnU-Net --save_probabilities format); keys present: {archive.files}"
+                )
+            probs = archive[_NNUNET_KEY]
+    except CaseReadError:
+        raise
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as exc:
+        raise CaseReadError(path, f"cannot read .npz archive, file truncated or corrupt ({type(exc).__name__}: {exc})") from exc
+    if probs.ndim != 4:
+        raise CaseReadError(
+            path, f"{_NNUNET_KEY!r} must be 4-D (C, z, y, x) as nnU-Net writes it, got {probs.ndim}-D shape {probs.shape}"
+        )
+    if not 0 <= channel < probs.shape[0]:
+        raise CaseReadError(
+            path, f"channel {channel} out of range: {_NNUNET_KEY!r} has {probs.shape[0]} channels (shape {probs.shape})"
+        )
+    try:
+        chosen = _as_float(probs[channel])
+    except TypeError as exc:
+        raise CaseReadError(path, str(exc)) from None
+    return np.ascontiguousarray(chosen.transpose(2, 1, 0))
+
+
+def _geometry_for_npz(path: pathlib.Path, shape: tuple[int, ...], missing_geometry: str) -> np.ndarray:
+    sibling = _nnunet_sibling(path)
+    if sibling is None:
+        expected = path.with_name(path.name[: -len(".npz")] + ".nii.gz")
+        if missing_geometry == "identity":
+            warnings.warn(
+                f"{path}: sibling segmentation {expected.name} not found; using the identity affine (1 mm voxels)",
+                stacklevel=3,
+            )
+            return np.eye(4)
+        raise CaseReadError(
+            path,
+            f"sibling segmentation {expected} not found; nnU-Net writes it next to the .npz and it gives the "
+            f"geometry (the .pkl is never unpickled). Pass missing_geometry='identity' "
+            f"(CLI: --allow-missing-geometry) to use 1 mm voxels and the identity affine",
+        )
+    nib = _nibabel()
+    try:
+        img = nib.load(str(sibling))
+    except Exception as exc:
+        raise CaseReadError(path, f"cannot read the sibling segmentation {sibling.name} ({type(exc).__name__}: {exc})") from exc
+    sib_shape = tuple(int(s) for s in img.shape)
+    while len(sib_shape) > 3 and sib_shape[-1] == 1:
+        sib_shape = sib_shape[:-1]
+    if sib_shape != tuple(shape):
+        raise CaseReadError(
+            path,
+            f"shape mismatch: probabilities transposed from (z, y, x) to (x, y, z) have shape {tuple(shape)}, "
+            f"but the sibling segmentation {sibling.name} has shape {tuple(img.shape)}",
+        )
+    return _check_affine(sibling, img.affine)
+
+
+def _read_npy(path: pathlib.Path) -> np.ndarray:
+    try:
+        return np.load(str(path), allow_pickle=False)
+    except Exception as exc:
+        raise CaseReadError(path, f"cannot read .npy file ({type(exc).__name__}: {exc})") from exc
+
+
+def read_probability_map(path: PathLike, channel: int = 1, *, missing_geometry: str = "error") -> Volume:
+    """Read one probability (or logit) map with its geometry.
+
+    Args:
+        path: ``.nii`` / ``.nii.gz`` / ``.npz`` (nnU-Net) / ``.npy`` file.
+        channel: lesion channel of multi-channel inputs: index C of an nnU-Net ``(C, z, y, x)``
+            array, or of the 4th axis of an ``(x, y, z, C)`` NIfTI. Ignored for 3-D inputs and
+            4-D NIfTI with a singleton 4th dimension.
+        missing_geometry: ``"error"`` (default): an ``.npz`` without its sibling ``CASE.nii.gz``
+            raises :class:`CaseReadError`; ``"identity"``: use the identity affine and warn.
+
+    Returns:
+        :class:`Volume` with ``data`` (X, Y, Z) C-contiguous float32 or float64 (raw values, not
+        range checked; integer and float16 files become float32) and the (4, 4) affine.
+
+    Raises:
+        CaseReadError: the message names the file and the reason.
+
+    Example:
+        >>> vol = read_probability_map("nnunet_out/case_001.npz", channel=1)   # doctest: +SKIP
+        >>> vol.data.shape == nibabel.load("nnunet_out/case_001.nii.gz").shape  # doctest: +SKIP
+        True
+    """
+    if missing_geometry not in ("error", "identity"):
+        raise ValueError(f"missing_geometry must be 'error' or 'identity', got {missing_geometry!r}")
+    path = pathlib.Path(path)
+    name = case_name(path)
+    if not path.is_file():
+        raise CaseReadError(path, "no such file")
+    suffix = _suffix(path)
+    if suffix == ".npz":
+        data = _read_npz_channel(path, int(channel))
+        affine = _geometry_for_npz(path, data.shape, missing_geometry)
+    elif suffix == ".npy":
+        data = _read_npy(path)
+        if data.ndim != 3:
+            raise CaseReadError(path, f"expected a 3-D array (i, j, k), got {data.ndim}-D shape {data.shape}")
+        affine = np.eye(4)
+    else:
+        data, affine = _load_nifti(path)
+        data = _select_nifti_channel(path, data, int(channel))
+    try:
+        # C order, so that label ids follow SciPy raster order on the (X, Y, Z) grid and the copy
+        # happens here (in the reader threads of `lesioncount count --workers`), not in counting.
+        data = np.ascontiguousarray(_as_float(np.asarray(data)))
+    except TypeError as exc:
+        raise CaseReadError(path, str(exc)) from None
+    if not data.flags.writeable:  # a view on the decompressed bytes (already C ordered)
+        data = data.copy()
+    if min(data.shape) < 1:
+        raise CaseReadError(path, f"empty image of shape {data.shape}")
+    return Volume(data=data, affine=affine, name=name, path=path)
+
+
+def read_mask(path: PathLike) -> Volume:
+    """Read a region-of-interest mask (e.g. a brain mask) with its geometry.
+
+    ``.nii`` / ``.nii.gz`` (3-D, or 4-D with a singleton 4th dimension) and 3-D ``.npy`` files are
+    accepted. Values are returned raw (bool/int/float); nonzero means "inside". ``.npz`` masks are
+    rejected (no nnU-Net convention exists for them).
+
+    Returns:
+        :class:`Volume` with ``data`` (X, Y, Z) and the (4, 4) affine.
+
+    Example:
+        >>> read_mask("brain_mask.nii.gz").data.shape   # doctest: +SKIP
+        (160, 192, 160)
+    """
+    path = pathlib.Path(path)
+    name = case_name(path)
+    if not path.is_file():
+        raise CaseReadError(path, "no such file")
+    suffix = _suffix(path)
+    if suffix == ".npz":
+        raise CaseReadError(path, "masks must be .nii, .nii.gz or .npy files, not .npz")
+    if suffix == ".npy":
+        data = _read_npy(path)
+        affine = np.eye(4)
+        if data.ndim != 3:
+            raise CaseReadError(path, f"expected a 3-D mask (i, j, k), got {data.ndim}-D shape {data.shape}")
+    else:
+        data, affine = _load_nifti(path)
+        data = _select_nifti_channel(path, data, None)
+    data = np.asarray(data)
+    return Volume(data=data if data.flags.writeable else data.copy(), affine=affine, name=name, path=path)
+
+
+def write_label_map(path: PathLike, labels, affine) -> None:
+    """Write an integer label map as NIfTI with the given affine.
+
+    Args:
+        path: output ``.nii`` or ``.nii.gz`` file.
+        labels: (X, Y, Z) integer array or tensor (0 background, 1..K lesions).
+        affine: (4, 4) voxel-to-world matrix (use the input's ``Volume.affine``).
+
+    The file is int16 when the largest label is at most 32767, int32 otherwise (more labels than
+    int32 can hold is an error). Units are set to mm.
+
+    Example:
+        >>> write_label_map("out/case_labels.nii.gz", labels, vol.affine)   # doctest: +SKIP
+    """
+    nib = _nibabel()
+    path = pathlib.Path(path)
+    if hasattr(labels, "detach"):
+        labels = labels.detach().cpu().numpy()
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise ValueError(f"labels must be a 3-D (X, Y, Z) array, got shape {labels.shape}")
+    if labels.dtype.kind not in "iub":
+        raise TypeError(f"labels must be an integer array, got {labels.dtype}")
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise ValueError(f"affine must be 4x4, got shape {affine.shape}")
+    low = int(labels.min()) if labels.size else 0
+    high = int(labels.max()) if labels.size else 0
+    if low < 0:
+        raise ValueError(f"labels must be >= 0, got minimum {low}")
+    if high <= np.iinfo(np.int16).max:
+        dtype = np.int16
+    elif high <= np.iinfo(np.int32).max:
+        dtype = np.int32
+    else:
+        raise ValueError(f"{high} labels do not fit in an int32 NIfTI")
+    img = nib.Nifti1Image(labels.astype(dtype, copy=False), affine)
+    img.header.set_data_dtype(dtype)
+    img.header.set_xyzt_units("mm")
+    img.header["intent_name"] = b"lesion labels"
+    nib.save(img, str(path))
