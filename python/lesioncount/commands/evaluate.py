@@ -1,0 +1,458 @@
+"""``lesioncount evaluate``: score predicted probability maps against ground-truth lesion masks.
+
+For every case present in both folders (paired by case id, :func:`lesioncount.io.case_name`):
+
+* the true count is the number of connected components of the nonzero GT voxels, with the same
+  connectivity and size rule (``--min-size`` voxels or ``--min-volume`` mm^3) as the candidates;
+* the prediction is read once and, for every threshold of the sweep, counted two ways: the count
+  distribution of the paper (``count_distribution``: pmf, expected count, most likely count,
+  entropy) and the thresholded connected-component baseline (``cc_count``: components of
+  pred > threshold, which are exactly the candidates of ``count_distribution`` at that threshold).
+
+Over the cases, per method and threshold: count accuracy, class-averaged (macro) precision, recall
+and F1 over the count bins 0..M-1, M+ (a bin absent from both predictions and targets is left out of
+the average), ECE and MCE (top-label, ``--n-bins`` bins; the baseline as a one-hot distribution),
+the MAE of the expected count (baseline: of its count) and the mean NLL of the true count bin
+(this method only; a hard prediction has an infinite NLL whenever it is wrong). At
+``--report-threshold``: accuracy after discarding the most uncertain cases (highest entropy) and
+reliability diagrams (this method at the report threshold, the baseline at its most accurate
+threshold).
+
+Outputs in OUT_DIR: ``report.md`` (settings, tables, figures, failures), ``per_case.csv``,
+``metrics.csv``, ``accuracy_vs_discarded.csv``, ``threshold_sweep.png``, ``reliability.png``,
+``accuracy_vs_discarded.png``. Unpaired and unreadable cases are listed in the report and on stderr;
+the exit code is 1 when any case failed or was unpaired (``--allow-missing``: unpaired cases do not
+count), 2 for bad arguments.
+
+Example:
+    lesioncount evaluate -p nnunet_out/ -g labelsTs/ -o eval/ --min-volume 3 --thresholds 0.1,0.3,0.5
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import math
+import pathlib
+import sys
+import time
+
+HELP = "score count distributions and the cc_count baseline against ground-truth masks (report, CSV, plots)"
+
+DEFAULT_THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(1, 10))
+DEFAULT_DISCARD_FRACTIONS = tuple(round(0.05 * i, 2) for i in range(0, 11))
+METHOD = "count_distribution"
+BASELINE = "cc_count"
+
+
+def _float_list(text: str, name: str, lo: float, hi: float, hi_open: bool = True) -> tuple[float, ...]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name} must be comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"{name} must not be empty")
+    for v in values:
+        ok = lo <= v < hi if hi_open else lo <= v <= hi
+        if not ok or math.isnan(v):
+            raise argparse.ArgumentTypeError(f"{name}: {v} is outside [{lo}, {hi}{')' if hi_open else ']'}")
+    return tuple(sorted(set(values)))
+
+
+def _thresholds(text: str) -> tuple[float, ...]:
+    return _float_list(text, "--thresholds", 0.0, 1.0)
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    return _float_list(text, "--discard-fractions", 0.0, 1.0)
+
+
+def _probability(text: str) -> float:
+    return _float_list(text, "--report-threshold", 0.0, 1.0)[0]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return v
+
+
+def register(subparsers) -> None:
+    """Add the ``evaluate`` subcommand to the ``lesioncount`` parser."""
+    p = subparsers.add_parser("evaluate", help=HELP,
+                              description="Score count distributions and the cc_count baseline against ground-truth "
+                                          "lesion masks paired by case id; writes report.md, per_case.csv, metrics.csv, "
+                                          "accuracy_vs_discarded.csv and PNG figures to OUTPUT. Exit code 1 when a case "
+                                          "failed or was unpaired, 2 for bad arguments.",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-p", "--predictions", required=True, type=pathlib.Path,
+                   help="folder (or one file) of probability maps: .nii/.nii.gz, nnU-Net .npz, .npy")
+    p.add_argument("-g", "--ground-truth", required=True, type=pathlib.Path,
+                   help="folder (or one file) of lesion masks with the same case ids (nonzero = lesion)")
+    p.add_argument("-o", "--output", required=True, type=pathlib.Path, help="output folder (created)")
+    p.add_argument("--thresholds", type=_thresholds, default=DEFAULT_THRESHOLDS,
+                   help="comma-separated candidate thresholds (probabilities in [0, 1)) of the sweep")
+    p.add_argument("--report-threshold", type=_probability, default=0.1,
+                   help="threshold of the accuracy-vs-discarded curve and the reliability diagram "
+                        "(added to the sweep if missing)")
+    p.add_argument("--connectivity", type=int, default=18, choices=(6, 18, 26))
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--min-size", type=_nonneg_int, default=0,
+                      help="drop candidates and GT lesions with fewer voxels")
+    size.add_argument("--min-volume", type=_nonneg_float, default=None,
+                      help="drop candidates and GT lesions smaller than this many mm^3 (per-case voxel size)")
+    p.add_argument("--max-count", type=_positive_int, default=4, help="M: count bins 0..M-1 and 'M or more'")
+    p.add_argument("--from-logits", action="store_true", help="the maps hold logits (thresholds stay probabilities)")
+    p.add_argument("--channel", type=_nonneg_int, default=1,
+                   help="lesion channel of multi-channel maps (nnU-Net .npz, 4-D NIfTI)")
+    p.add_argument("--n-bins", type=_positive_int, default=10, help="confidence bins of ECE/MCE and the reliability diagram")
+    p.add_argument("--discard-fractions", type=_fractions, default=DEFAULT_DISCARD_FRACTIONS,
+                   help="comma-separated fractions in [0, 1) of most uncertain cases to discard")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="cases present in only one folder are reported but do not make the exit code non-zero")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG figures (no matplotlib needed)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no per-case progress lines")
+    p.set_defaults(func=run)
+
+
+@dataclasses.dataclass
+class CaseResult:
+    """Per-case numbers, for every threshold of the sweep (T thresholds, M = max_count)."""
+
+    case: str
+    gt_count: int
+    pmf: "torch.Tensor"              # (T, M+1) float64
+    log_pmf: "torch.Tensor"          # (T, M+1) float64
+    expected_count: "torch.Tensor"   # (T,) float64, sum of the candidate probabilities
+    entropy: "torch.Tensor"          # (T,) float64, nats
+    cc_count: "torch.Tensor"         # (T,) int64, components of pred > threshold
+
+
+@dataclasses.dataclass
+class Failure:
+    case: str
+    file: str
+    reason: str
+
+
+def _has_geometry(path: pathlib.Path) -> bool:
+    return not path.name.lower().endswith(".npy")
+
+
+def evaluate_case(pred_path: pathlib.Path, gt_path: pathlib.Path, args, thresholds) -> CaseResult:
+    """Read one prediction (once) and its GT mask; count the GT and the prediction at every threshold.
+
+    Raises:
+        CaseReadError / ValueError naming the file at fault.
+    """
+    import numpy as np
+    import torch
+
+    from .. import count_distribution, label
+    from ..io import CaseReadError, read_mask, read_probability_map
+    from ..report import min_size_for_volume
+
+    pred = read_probability_map(pred_path, channel=args.channel)
+    gt = read_mask(gt_path)
+    if tuple(pred.data.shape) != tuple(gt.data.shape):
+        raise CaseReadError(gt_path, f"mask shape {tuple(gt.data.shape)} does not match the prediction "
+                                     f"{pred_path.name} of shape {tuple(pred.data.shape)}")
+    if _has_geometry(pred_path) and _has_geometry(gt_path) and not np.allclose(pred.affine, gt.affine, atol=1e-3):
+        raise CaseReadError(gt_path, f"affine differs from that of the prediction {pred_path.name} "
+                                     f"(max difference {np.abs(pred.affine - gt.affine).max():.3g})")
+    geometry = pred if _has_geometry(pred_path) else gt
+    min_size = args.min_size
+    if args.min_volume is not None:
+        min_size = min_size_for_volume(args.min_volume, geometry.voxel_volume)
+
+    gt_data = np.asarray(gt.data)
+    if np.issubdtype(gt_data.dtype, np.floating) and not np.isfinite(gt_data).all():
+        raise CaseReadError(gt_path, "mask contains NaN or infinite values")
+    gt_foreground = torch.from_numpy(np.ascontiguousarray(gt_data != 0)).unsqueeze(0)
+    gt_count = int(label(gt_foreground, 0.5, args.connectivity, min_size)[1][0])
+    del gt_foreground, gt_data
+
+    x = torch.from_numpy(np.ascontiguousarray(pred.data)).unsqueeze(0)
+    rows = {"pmf": [], "log_pmf": [], "expected_count": [], "entropy": [], "cc_count": []}
+    with torch.inference_mode():
+        for t in thresholds:
+            try:
+                r = count_distribution(x, threshold=t, connectivity=args.connectivity, min_size=min_size,
+                                       max_count=args.max_count, from_logits=args.from_logits)
+            except (ValueError, RuntimeError) as exc:  # NaN / out-of-range values (the compiled op raises RuntimeError)
+                raise CaseReadError(pred_path, str(exc)) from None
+            rows["pmf"].append(r.pmf[0].double())
+            rows["log_pmf"].append(r.log_pmf[0].double())
+            rows["expected_count"].append(r.expected_count[0].double())
+            rows["entropy"].append(r.entropy[0].double())
+            # the candidates are the components of pred > t with the size rule: the cc_count baseline
+            rows["cc_count"].append(r.num_lesions[0].long())
+    return CaseResult(case=pred.name, gt_count=gt_count, **{k: torch.stack(v) for k, v in rows.items()})
+
+
+def _pair_cases(pred_root, gt_root):
+    from ..io import case_name, find_cases
+
+    preds = {case_name(p): p for p in find_cases(pred_root)}
+    gts = {case_name(p): p for p in find_cases(gt_root)}
+    paired = [(name, preds[name], gts[name]) for name in sorted(preds) if name in gts]
+    no_gt = [(name, preds[name]) for name in sorted(preds) if name not in gts]
+    no_pred = [(name, gts[name]) for name in sorted(gts) if name not in preds]
+    return paired, no_gt, no_pred
+
+
+def compute_tables(cases: list[CaseResult], thresholds, args):
+    """Metric rows per (method, threshold), accuracy-vs-discarded rows, and what the figures need."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..metrics import accuracy_vs_discarded, count_bins, count_metrics, discarded_counts
+
+    M = args.max_count
+    target = torch.tensor([c.gt_count for c in cases], dtype=torch.int64)
+    pmf = torch.stack([c.pmf for c in cases])            # (N, T, M+1)
+    log_pmf = torch.stack([c.log_pmf for c in cases])
+    expected = torch.stack([c.expected_count for c in cases])
+    entropy = torch.stack([c.entropy for c in cases])
+    cc = torch.stack([c.cc_count for c in cases])        # (N, T)
+    rows = []
+    baseline_onehot = {}
+    for i, t in enumerate(thresholds):
+        ours = count_metrics(pmf[:, i], target, M, args.n_bins, expected_count=expected[:, i], log_pmf=log_pmf[:, i])
+        rows.append({"method": METHOD, "threshold": t, "n_cases": len(cases), **{k: float(v) for k, v in ours.items()}})
+        onehot = F.one_hot(count_bins(cc[:, i], M), M + 1).double()
+        baseline_onehot[t] = onehot
+        base = count_metrics(onehot, target, M, args.n_bins, expected_count=cc[:, i].double())
+        base = {k: float(v) for k, v in base.items()}
+        base["nll"] = None  # -log 0 = inf for every wrong hard prediction: not informative
+        rows.append({"method": BASELINE, "threshold": t, "n_cases": len(cases), **base})
+    r = thresholds.index(args.report_threshold)
+    fractions = list(args.discard_fractions)
+    acc = accuracy_vs_discarded(pmf[:, r], target, fractions, M)
+    n = len(cases)
+    dropped = discarded_counts(n, fractions)
+    discard_rows = [{"fraction": f, "n_discarded": int(d), "n_kept": n - int(d), "accuracy": float(a)}
+                    for f, d, a in zip(fractions, dropped, acc)]
+    base_rows = [row for row in rows if row["method"] == BASELINE]
+    best_baseline = max(base_rows, key=lambda row: row["accuracy"])["threshold"]  # first maximum
+    figures = {
+        "target": target, "pmf_report": pmf[:, r], "entropy": entropy,
+        "baseline_onehot": baseline_onehot[best_baseline], "best_baseline_threshold": best_baseline,
+    }
+    return rows, discard_rows, figures
+
+
+METRIC_COLUMNS = ("accuracy", "precision", "recall", "f1", "ece", "mce", "count_mae", "nll")
+
+
+def _fmt(v, digits=4):
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.{digits}f}" if math.isfinite(v) else str(v)
+    return str(v)
+
+
+def _write_csv(path: pathlib.Path, fieldnames, rows) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fieldnames)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else (repr(row[k]) if isinstance(row[k], float) else row[k]))
+                             for k in fieldnames})
+
+
+def per_case_rows(cases: list[CaseResult], thresholds) -> tuple[list[str], list[dict]]:
+    """Columns ``case, gt_count`` and, per threshold t, ``expected@t, most_likely@t, cc_count@t``."""
+    fields = ["case", "gt_count"]
+    for t in thresholds:
+        fields += [f"expected@{t:g}", f"most_likely@{t:g}", f"cc_count@{t:g}"]
+    rows = []
+    for c in cases:
+        row = {"case": c.case, "gt_count": c.gt_count}
+        most_likely = c.pmf.argmax(1)
+        for i, t in enumerate(thresholds):
+            row[f"expected@{t:g}"] = float(c.expected_count[i])
+            row[f"most_likely@{t:g}"] = int(most_likely[i])
+            row[f"cc_count@{t:g}"] = int(c.cc_count[i])
+        rows.append(row)
+    return fields, rows
+
+
+def write_figures(out: pathlib.Path, rows, discard_rows, figures, thresholds, args) -> list[str]:
+    from .. import plot
+
+    written = []
+    fig, axes = plot.new_figure(1, 2, figsize=(11, 4.2))
+    for ax, metric, name in ((axes[0], "accuracy", "count accuracy"), (axes[1], "f1", "macro F1 over count bins")):
+        series = {method: [row[metric] for row in rows if row["method"] == method] for method in (METHOD, BASELINE)}
+        plot.plot_threshold_sweep(thresholds, series, name, ax=ax)
+    written.append(plot.save_figure(fig, out / "threshold_sweep.png").name)
+
+    fig, axes = plot.new_figure(1, 2, figsize=(11, 4.5))
+    plot.plot_reliability_diagram(figures["pmf_report"], figures["target"], args.max_count, args.n_bins, ax=axes[0],
+                                  label=f"{METHOD} @ {args.report_threshold:g}")
+    plot.plot_reliability_diagram(figures["baseline_onehot"], figures["target"], args.max_count, args.n_bins, ax=axes[1],
+                                  label=f"{BASELINE} @ {figures['best_baseline_threshold']:g} (most accurate)")
+    written.append(plot.save_figure(fig, out / "reliability.png").name)
+
+    fig = plot.plot_accuracy_vs_discarded([r["fraction"] for r in discard_rows],
+                                          {f"{METHOD} @ {args.report_threshold:g}": [r["accuracy"] for r in discard_rows]})
+    written.append(plot.save_figure(fig, out / "accuracy_vs_discarded.png").name)
+    return written
+
+
+def write_report(out: pathlib.Path, args, thresholds, cases, rows, discard_rows, figures, failures, no_gt, no_pred,
+                 pngs, elapsed: float) -> None:
+    from .. import __version__
+
+    lines = ["# lesioncount evaluation", ""]
+    lines += ["## Settings", "",
+              f"- predictions: `{args.predictions}`", f"- ground truth: `{args.ground_truth}`",
+              f"- thresholds: {', '.join(f'{t:g}' for t in thresholds)} (report threshold {args.report_threshold:g})",
+              f"- connectivity: {args.connectivity}",
+              f"- size rule (candidates and GT lesions): "
+              + (f">= {args.min_volume:g} mm^3" if args.min_volume is not None else f">= {args.min_size} voxels"),
+              f"- count bins: 0..{args.max_count - 1}, {args.max_count}+ (max_count = {args.max_count})",
+              f"- from_logits: {args.from_logits}; channel: {args.channel}; confidence bins: {args.n_bins}",
+              f"- lesioncount {__version__}; {len(cases)} cases evaluated, {len(failures)} failed, "
+              f"{len(no_gt)} predictions without GT, {len(no_pred)} GT masks without prediction; {elapsed:.1f} s",
+              ""]
+    if cases:
+        counts = [c.gt_count for c in cases]
+        hist = {}
+        for v in counts:
+            key = f"{min(v, args.max_count)}{'+' if v >= args.max_count else ''}"
+            hist[key] = hist.get(key, 0) + 1
+        lines += [f"True count bins: " + ", ".join(f"{k}: {hist[k]}" for k in sorted(hist)), ""]
+        lines += ["## Metrics per method and threshold", "",
+                  "Accuracy of the predicted count bin (this method: the most likely bin); precision, recall and "
+                  "F1 are macro averages over the count bins present in predictions or targets; ECE/MCE are "
+                  "top-label calibration errors (the baseline scored as a one-hot distribution); count MAE is "
+                  "|expected count - true count| (baseline: |cc_count - true count|); NLL is the mean "
+                  "-log P(true count bin) (undefined for the hard baseline).", "",
+                  "| method | threshold | " + " | ".join(METRIC_COLUMNS) + " |",
+                  "|---|---|" + "---|" * len(METRIC_COLUMNS)]
+        for row in rows:
+            lines.append(f"| {row['method']} | {row['threshold']:g} | "
+                         + " | ".join(_fmt(row[k]) if row[k] is not None else "n/a" for k in METRIC_COLUMNS) + " |")
+        lines.append("")
+        for method in (METHOD, BASELINE):
+            best = max((r for r in rows if r["method"] == method), key=lambda r: r["accuracy"])
+            lines.append(f"- best {method} accuracy {best['accuracy']:.4f} at threshold {best['threshold']:g} "
+                         f"(F1 {best['f1']:.4f})")
+        lines += ["", f"## Accuracy vs discarded most uncertain cases ({METHOD} @ {args.report_threshold:g}, "
+                      "ranked by entropy of the count distribution)", "",
+                  "| fraction discarded | cases kept | accuracy |", "|---|---|---|"]
+        for r in discard_rows:
+            lines.append(f"| {r['fraction']:g} | {r['n_kept']} | {r['accuracy']:.4f} |")
+        lines.append("")
+        if pngs:
+            lines += ["## Figures", ""]
+            captions = {"threshold_sweep.png": "Count accuracy and macro F1 against the threshold",
+                        "reliability.png": f"Reliability diagrams ({METHOD} at {args.report_threshold:g}; "
+                                           f"{BASELINE} at its most accurate threshold "
+                                           f"{figures['best_baseline_threshold']:g})",
+                        "accuracy_vs_discarded.png": "Accuracy after discarding the most uncertain cases"}
+            for name in pngs:
+                lines += [f"![{captions.get(name, name)}]({name})", ""]
+        lines += ["Per-case numbers: [per_case.csv](per_case.csv); metric table: [metrics.csv](metrics.csv); "
+                  "[accuracy_vs_discarded.csv](accuracy_vs_discarded.csv).", ""]
+    if failures or no_gt or no_pred:
+        lines += ["## Problems", ""]
+        for f in failures:
+            lines.append(f"- FAILED `{f.case}` ({f.file}): {f.reason}")
+        for name, path in no_gt:
+            lines.append(f"- no ground truth for prediction `{name}` ({path})")
+        for name, path in no_pred:
+            lines.append(f"- no prediction for ground truth `{name}` ({path})")
+        lines.append("")
+    (out / "report.md").write_text("\n".join(lines))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate, write the outputs, print a summary. Returns the exit code (0 ok, 1 failures, 2 usage)."""
+    from .._extras import require
+    from ..io import CaseReadError
+
+    require("torchmetrics", "calibration errors in `lesioncount evaluate`")
+    if not args.no_plots:
+        require("matplotlib", "the figures of `lesioncount evaluate` (or pass --no-plots)")
+    import torch
+
+    thresholds = sorted(set(args.thresholds) | {args.report_threshold})
+    try:
+        paired, no_gt, no_pred = _pair_cases(args.predictions, args.ground_truth)
+    except (CaseReadError, FileNotFoundError) as exc:
+        print(f"lesioncount evaluate: {exc}", file=sys.stderr)
+        return 2
+    out = args.output
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    cases: list[CaseResult] = []
+    failures: list[Failure] = []
+    for i, (name, pred_path, gt_path) in enumerate(paired):
+        try:
+            c = evaluate_case(pred_path, gt_path, args, thresholds)
+        except (CaseReadError, ValueError, TypeError, OSError, RuntimeError) as exc:
+            reason = str(exc) if isinstance(exc, CaseReadError) else f"{pred_path}: {type(exc).__name__}: {exc}"
+            failures.append(Failure(name, str(pred_path), reason))
+            print(f"lesioncount evaluate: case {name} failed: {reason}", file=sys.stderr)
+            continue
+        cases.append(c)
+        if not args.quiet:
+            j = thresholds.index(args.report_threshold)
+            print(f"[{i + 1}/{len(paired)}] {name}: true {c.gt_count}, expected {float(c.expected_count[j]):.2f}, "
+                  f"most likely {int(c.pmf[j].argmax())}, cc_count {int(c.cc_count[j])} (threshold {args.report_threshold:g})")
+    for name, path in no_gt:
+        print(f"lesioncount evaluate: no ground truth for prediction {path}", file=sys.stderr)
+    for name, path in no_pred:
+        print(f"lesioncount evaluate: no prediction for ground truth {path}", file=sys.stderr)
+
+    rows, discard_rows, figures, pngs = [], [], {}, []
+    if cases:
+        with torch.no_grad():
+            rows, discard_rows, figures = compute_tables(cases, thresholds, args)
+        fields, case_rows = per_case_rows(cases, thresholds)
+        _write_csv(out / "per_case.csv", fields, case_rows)
+        _write_csv(out / "metrics.csv", ["method", "threshold", "n_cases", *METRIC_COLUMNS], rows)
+        _write_csv(out / "accuracy_vs_discarded.csv", ["fraction", "n_discarded", "n_kept", "accuracy"], discard_rows)
+        if not args.no_plots:
+            pngs = write_figures(out, rows, discard_rows, figures, thresholds, args)
+    else:
+        print("lesioncount evaluate: no case could be evaluated", file=sys.stderr)
+    write_report(out, args, thresholds, cases, rows, discard_rows, figures, failures, no_gt, no_pred, pngs,
+                 time.perf_counter() - start)
+    if cases:
+        j = thresholds.index(args.report_threshold)
+        ours = next(r for r in rows if r["method"] == METHOD and r["threshold"] == thresholds[j])
+        best_base = max((r for r in rows if r["method"] == BASELINE), key=lambda r: r["accuracy"])
+        print(f"{len(cases)} cases: {METHOD} @ {args.report_threshold:g} accuracy {ours['accuracy']:.4f}, F1 {ours['f1']:.4f}, "
+              f"ECE {ours['ece']:.4f}; best {BASELINE} accuracy {best_base['accuracy']:.4f} @ {best_base['threshold']:g}; "
+              f"report in {out / 'report.md'}")
+    unpaired = (len(no_gt) + len(no_pred)) if not args.allow_missing else 0
+    return 1 if (failures or unpaired or not cases) else 0
