@@ -465,5 +465,91 @@ def test_case_without_candidates():
     assert report["n_candidates"] == 0 and report["lesions"] == []
     assert report["count"]["pmf"] == [1.0, 0.0, 0.0, 0.0, 0.0]
     assert report["count"]["expected_count"] == 0.0 and report["count"]["entropy_nats"] == 0.0
+    assert str(report["count"]["entropy_nats"]) == "0.0"  # not "-0.0" in the JSON and CSV
     assert (report["count"]["credible_interval"]["low"], report["count"]["credible_interval"]["high"]) == (0, 0)
     assert report["baseline"]["cc_count"] == 0
+
+
+def test_skip_existing_refuses_results_computed_with_other_settings(tmp_path, capsys):
+    """--skip-existing must not mix kept rows computed with another threshold/size rule/... into the summary."""
+    maps = _maps(2, seed=9)
+    _write_folder(tmp_path / "in", maps)
+    out = tmp_path / "out"
+    assert _run("-i", tmp_path / "in", "-o", out, "--threshold", 0.1) == 0
+    (out / "case_01.json").unlink()
+    # case_00.json was counted at 0.1: with --threshold 0.3 it must not go into the 0.3 summary
+    assert _run("-i", tmp_path / "in", "-o", out, "--threshold", 0.3, "--skip-existing") == 1
+    errors = _csv(out / "errors.csv")
+    assert [r["case"] for r in errors] == ["case_00"]
+    assert "threshold" in errors[0]["error"] and "--overwrite" in errors[0]["error"]
+    assert [r["case"] for r in _csv(out / "summary.csv")] == ["case_01"]
+    assert _load(out, "case_01")["settings"]["threshold"] == 0.3
+    # same settings (device and worker count do not matter): kept
+    assert _run("-i", tmp_path / "in", "-o", out, "--threshold", 0.3, "--skip-existing", "--workers", 0) == 1
+    assert _run("-i", tmp_path / "in", "-o", out, "--threshold", 0.3, "--overwrite") == 0
+    assert _run("-i", tmp_path / "in", "-o", out, "--threshold", 0.3, "--skip-existing", "--workers", 0) == 0
+    assert [r["case"] for r in _csv(out / "summary.csv")] == ["case_00", "case_01"]
+    for flags in (["--min-size", 2], ["--connectivity", 6], ["--from-logits"], ["--baseline-threshold", 0.6],
+                  ["--channel", 0]):
+        assert _run("-i", tmp_path / "in", "-o", out, "--threshold", 0.3, "--skip-existing", *flags) == 1, flags
+        assert len(_csv(out / "errors.csv")) == 2
+    capsys.readouterr()
+
+
+def test_label_maps_saved_into_the_input_folder_are_not_cases_later(tmp_path, capsys):
+    maps = _maps(2, seed=12)
+    folder = tmp_path / "in"
+    _write_folder(folder, maps)
+    assert _run("-i", folder, "-o", folder, "--save-labels") == 0  # OUT_DIR = input folder
+    assert (folder / "case_00_labels.nii.gz").is_file()
+    # a later run into another folder must not count the integer label maps as probability maps
+    assert main(["count", "-i", str(folder), "-o", str(tmp_path / "other")]) == 0
+    assert "skipping 2 label map(s)" in capsys.readouterr().err
+    assert [r["case"] for r in _csv(tmp_path / "other" / "summary.csv")] == ["case_00", "case_01"]
+    # a file merely ending in _labels without its case is still a case
+    (folder / "case_01_labels.nii.gz").rename(folder / "orphan_labels.nii.gz")
+    nib.save(nib.Nifti1Image(maps[0], AFFINE), str(folder / "orphan_labels.nii.gz"))
+    assert _run("-i", folder, "-o", tmp_path / "third") == 0
+    assert [r["case"] for r in _csv(tmp_path / "third" / "summary.csv")] == ["case_00", "case_01", "orphan_labels"]
+
+
+def test_case_names_with_dots_brackets_and_commas_survive_into_the_outputs(tmp_path):
+    folder = tmp_path / "in"
+    names = ["sub-01_ses-1.T2w", "scan[1,2]"]
+    maps = _maps(2, seed=13)
+    folder.mkdir()
+    for name, m in zip(names, maps):
+        nib.save(nib.Nifti1Image(m, AFFINE), str(folder / f"{name}.nii.gz"))
+    out = tmp_path / "out"
+    assert _run("-i", folder, "-o", out, "--save-labels") == 0
+    for name, m in zip(names, maps):
+        report = _load(out, name)  # valid JSON, strings unchanged
+        assert report["case"] == name and report["file"] == str(folder / f"{name}.nii.gz")
+        ref = lesioncount.count_distribution(torch.from_numpy(m)[None], max_count=4)
+        np.testing.assert_allclose(report["count"]["pmf"], ref.pmf[0].numpy(), atol=1e-6)
+        assert (out / f"{name}_labels.nii.gz").is_file()
+    assert sorted(r["case"] for r in _csv(out / "summary.csv")) == sorted(names)
+    assert _run("-i", folder, "-o", out, "--skip-existing") == 0
+    assert sorted(r["case"] for r in _csv(out / "summary.csv")) == sorted(names)
+
+
+def test_min_volume_tolerates_float32_spacings_of_nifti_headers(tmp_path):
+    """NIfTI stores spacings in float32: 0.9 mm is 0.89999998 mm, a voxel 0.72899994 mm^3. --min-volume 7.29
+    (10 voxels of 0.9 mm in decimal) must keep a 10-voxel lesion, not require 11 voxels."""
+    data = np.zeros((12, 12, 12), np.float32)
+    data[2:7, 2:4, 2] = 0.9  # 10 voxels
+    data[8, 8, 8:11] = 0.9  # 3 voxels
+    path = tmp_path / "iso09.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.diag([0.9, 0.9, 0.9, 1.0])), str(path))
+    voxel_volume = abs(np.linalg.det(nib.load(str(path)).affine[:3, :3]))
+    assert voxel_volume < 0.729  # the float32 header
+    assert min_size_for_volume(7.29, voxel_volume) == 10
+    assert min_size_for_volume(7.3, voxel_volume) == 11  # genuinely above 10 voxels
+    for spacing, voxels in [(0.7, 7), (1.1, 4), (1.2, 5)]:
+        v32 = float(np.float32(spacing)) ** 3
+        assert min_size_for_volume(round(voxels * spacing ** 3, 6), v32) == voxels, spacing
+    out = tmp_path / "out"
+    assert _run("-i", path, "-o", out, "--min-volume", 7.29) == 0
+    report = _load(out, "iso09")
+    assert report["settings"]["min_size_voxels"] == 10
+    assert [r["size_voxels"] for r in report["lesions"]] == [10]

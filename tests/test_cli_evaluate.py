@@ -255,3 +255,73 @@ def test_plot_cli(tmp_path, capsys):
     rc = main(["plot", "-i", str(tmp_path / "nope.nii.gz"), "-o", str(tmp_path / "x.png")])
     assert rc == 1
     assert "nope.nii.gz" in capsys.readouterr().err
+
+
+def test_unusable_output_paths_give_a_message_not_a_traceback(tmp_path, capsys):
+    pred_dir, gt_dir, _ = make_folders(tmp_path, {"e": CASES["e"]}, extras=False)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    rc = main(["evaluate", "-p", str(pred_dir), "-g", str(gt_dir), "-o", str(blocker), "--no-plots", "-q"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "-o/--output" in err and "a_file" in err
+    for out in (blocker / "fig.png", blocker / "figs"):
+        rc = main(["plot", "-i", str(pred_dir / "e.nii.gz"), "-o", str(out)])
+        assert rc == 2
+        err = capsys.readouterr().err
+        assert "-o/--output" in err and "a_file" in err
+
+
+def test_argument_errors_name_the_argument_given(tmp_path, capsys):
+    # plot's --threshold shares the parser of evaluate's --report-threshold: the message must not name the latter
+    with pytest.raises(SystemExit):
+        main(["plot", "-i", "x.nii.gz", "-o", "y.png", "--threshold", "1.5"])
+    err = capsys.readouterr().err
+    assert "argument --threshold: 1.5 is outside [0.0, 1.0)" in err and "report-threshold" not in err
+    # one report threshold, not a list whose smallest entry is silently taken
+    with pytest.raises(SystemExit):
+        main(["evaluate", "-p", "x", "-g", "y", "-o", "z", "--report-threshold", "0.3,0.1"])
+    assert "argument --report-threshold: expected one number, got '0.3,0.1'" in capsys.readouterr().err
+
+
+def test_plot_rejects_an_image_on_another_grid(tmp_path, capsys):
+    pred_dir, _, _ = make_folders(tmp_path, {"e": CASES["e"]}, extras=False)
+    image = np.random.default_rng(1).random(SHAPE).astype(np.float32)
+    flipped = AFFINE.copy()
+    flipped[0, 0], flipped[0, 3] = -1.0, SHAPE[0] - 1.0  # same shape, i axis flipped: overlay would be mirrored
+    nib.save(nib.Nifti1Image(image, flipped), str(tmp_path / "flipped.nii.gz"))
+    rc = main(["plot", "-i", str(pred_dir / "e.nii.gz"), "--image", str(tmp_path / "flipped.nii.gz"),
+               "-o", str(tmp_path / "f.png")])
+    assert rc == 1
+    assert "flipped.nii.gz" in capsys.readouterr().err
+    assert not (tmp_path / "f.png").exists()
+    nib.save(nib.Nifti1Image(image, AFFINE), str(tmp_path / "same.nii.gz"))
+    assert main(["plot", "-i", str(pred_dir / "e.nii.gz"), "--image", str(tmp_path / "same.nii.gz"),
+                 "-o", str(tmp_path / "f.png")]) == 0
+
+
+def test_nnunet_npz_without_sibling_evaluate_and_plot(tmp_path, capsys):
+    """The error names --allow-missing-geometry, which evaluate and plot must then accept; evaluate takes
+    the GT's geometry (2 mm^3 voxels here), so --min-volume 3 keeps a 2-voxel lesion (identity: 3 voxels)."""
+    pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
+    pred_dir.mkdir()
+    gt_dir.mkdir()
+    pred = np.zeros(SHAPE, np.float32)
+    gt = np.zeros(SHAPE, np.uint8)
+    pred[2, 3, 4:6] = 0.9  # 2 voxels = 4 mm^3
+    gt[2, 3, 4:6] = 1
+    np.savez(pred_dir / "n.npz", probabilities=np.stack([1 - pred, pred]).transpose(0, 3, 2, 1))  # (C, z, y, x)
+    _save(gt, gt_dir / "n.nii.gz")
+    args = ["evaluate", "-p", str(pred_dir), "-g", str(gt_dir), "--min-volume", "3", "--thresholds", "0.5",
+            "--report-threshold", "0.5", "--no-plots", "-q"]
+    assert main(args + ["-o", str(tmp_path / "o1")]) == 1
+    assert "--allow-missing-geometry" in capsys.readouterr().err
+    assert main(args + ["-o", str(tmp_path / "o2"), "--allow-missing-geometry"]) == 0
+    (row,) = _read_csv(tmp_path / "o2" / "per_case.csv")
+    assert row["gt_count"] == "1" and row["cc_count@0.5"] == "1"
+    assert main(["plot", "-i", str(pred_dir / "n.npz"), "-o", str(tmp_path / "p.png")]) == 1
+    assert "--allow-missing-geometry" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="identity affine"):
+        assert main(["plot", "-i", str(pred_dir / "n.npz"), "-o", str(tmp_path / "p.png"), "--allow-missing-geometry",
+                     "--image", str(gt_dir / "n.nii.gz")]) == 0
+    assert (tmp_path / "p.png").stat().st_size > 1000

@@ -171,20 +171,24 @@ def credible_interval(pmf: Sequence[float], level: float = CREDIBLE_LEVEL) -> tu
 def min_size_for_volume(min_volume: float, voxel_volume: float) -> int:
     """Minimum size in voxels of a lesion whose volume must be >= ``min_volume`` mm^3.
 
-    ``ceil(min_volume / voxel_volume)``, with a 1e-9 relative tolerance so that a volume that is an
+    ``ceil(min_volume / voxel_volume)``, with a 1e-6 relative tolerance so that a volume that is an
     exact multiple of the voxel volume in decimal (e.g. 6 mm^3 with 1.5 mm^3 voxels -> 4) is not
-    pushed up by floating-point error.
+    pushed up by rounding: NIfTI headers store spacings in float32, so 0.9 mm voxels are
+    0.89999998 mm and 10 of them hold 7.2899994 mm^3, not 7.29 (float32 spacings are off by at most
+    6e-8 relative, a volume by about 2e-7).
 
     Example:
         >>> min_size_for_volume(10.0, 0.5 * 0.5 * 3.0), min_size_for_volume(6.0, 1.5)
         (14, 4)
+        >>> min_size_for_volume(7.29, float(np.float32(0.9)) ** 3)   # 10 voxels of 0.9 mm, as stored
+        10
     """
     if voxel_volume <= 0:
         raise ValueError(f"voxel volume must be > 0, got {voxel_volume}")
     if min_volume <= 0:
         return 0
     ratio = min_volume / voxel_volume
-    return int(math.ceil(ratio * (1.0 - 1e-9)))
+    return int(math.ceil(ratio * (1.0 - 1e-6)))
 
 
 def _check_values_host(x: torch.Tensor, from_logits: bool) -> None:
@@ -464,7 +468,7 @@ def case_report(volume: Volume, counted: CaseCount, settings: CountSettings, ite
             "expected_count": float(result.expected_count[item]),
             "most_likely": most_likely,
             "most_likely_bin": names[most_likely],
-            "entropy_nats": float(result.entropy[item]),
+            "entropy_nats": 0.0 + float(result.entropy[item]),  # 0.0 + : no "-0.0" for a certain count
             "credible_interval": {"level": CREDIBLE_LEVEL, "low": low, "high": high,
                                   "low_bin": names[low], "high_bin": names[high], "mass": mass},
         },

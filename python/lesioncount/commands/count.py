@@ -20,7 +20,8 @@ Outputs in ``OUT_DIR``:
   for a core or the GIL), ``wait_s`` (how long counting waited for the case), ``count_s``,
   ``write_s``.
 - ``CASE_labels.nii.gz`` with ``--save-labels``: the candidate label map, with the input's affine
-  (ids as in the lesion table).
+  (ids as in the lesion table). Such files in the input folder (OUT_DIR = input folder, now or in
+  an earlier run) are not counted as cases: ``CASE_labels.nii.gz`` is skipped when ``CASE`` is a case.
 - ``summary.csv``: one row per case (:func:`lesioncount.report.summary_row`), in case order.
 - ``errors.csv``: ``case, file, error`` for every case that failed (header only when none did).
   With ``--num-parts N`` these two are ``summary.part-I-of-N.csv`` / ``errors.part-I-of-N.csv``,
@@ -33,6 +34,9 @@ Choices:
   and, when both come with a geometry (not ``.npy``), the same affine (within 1e-3 mm).
 - Existing ``CASE.json`` files: the command refuses to run (exit 2) unless ``--overwrite``
   (recompute) or ``--skip-existing`` (keep them; their rows still go into the summary) is given.
+  A kept file computed with other settings (threshold, connectivity, size rule, max count, logits,
+  channel, mask, baseline threshold) is not mixed into the summary: that case is reported as failed
+  (exit 1) with the options that differ.
   ``summary.csv`` and ``errors.csv`` are always rewritten.
 - ``--workers N`` (default 2): N threads read and decompress the next N cases while the main
   thread counts; ``.nii.gz`` files are inflated in one GIL-free zlib call (see
@@ -63,7 +67,6 @@ import json
 import math
 import os
 import pathlib
-import re
 import sys
 import time
 import warnings
@@ -205,14 +208,33 @@ def _read_case(path, args, shared_mask):
     return volume, mask, (time.perf_counter() - t0, time.thread_time() - c0), notes
 
 
-_FLAT_LIST = re.compile(r"\[\s*([^\[\]{}\"]*?|(?:\"[^\"]*\",?\s*)*?)\s*\]")
+def _format_json(report, level: int = 0) -> str:
+    """Indented JSON (1 space per level) with lists of scalars (numbers, short strings) kept on one line.
 
+    Built from the structure, not by editing ``json.dumps`` output, so strings holding brackets or
+    commas (a case file ``scan[1,2].nii.gz``) are written unchanged.
 
-def _format_json(report: dict) -> str:
-    """Indented JSON with lists of numbers / short strings kept on one line."""
-    text = json.dumps(report, indent=1)
-    return _FLAT_LIST.sub(lambda m: "[" + ", ".join(part.strip() for part in m.group(1).split(",")) + "]"
-                          if m.group(1).strip() else "[]", text)
+    Example:
+        >>> print(_format_json({"pmf": [0.5, 0.5], "case": "a[1,2]", "t": {"x": 1}}))
+        {
+         "pmf": [0.5, 0.5],
+         "case": "a[1,2]",
+         "t": {
+          "x": 1
+         }
+        }
+    """
+    pad, inner = " " * level, " " * (level + 1)
+    if isinstance(report, dict):
+        if not report:
+            return "{}"
+        items = [f"{inner}{json.dumps(str(k))}: {_format_json(v, level + 1)}" for k, v in report.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(report, (list, tuple)):
+        if all(not isinstance(v, (dict, list, tuple)) for v in report):
+            return json.dumps(list(report))  # "[1, 2]": one line
+        return "[\n" + ",\n".join(inner + _format_json(v, level + 1) for v in report) + "\n" + pad + "]"
+    return json.dumps(report)
 
 
 def _write_json(path: pathlib.Path, text: str) -> None:
@@ -220,6 +242,35 @@ def _write_json(path: pathlib.Path, text: str) -> None:
     with open(tmp, "w") as f:
         f.write(text + "\n")
     os.replace(tmp, path)
+
+
+# settings of a kept CASE.json that must equal this run's for --skip-existing (device and workers do
+# not change results; min_size_voxels is per case with --min-volume, so it is compared only without it)
+_RESULT_SETTINGS = ("threshold", "connectivity", "max_count", "from_logits", "channel", "baseline_threshold",
+                    "min_volume_mm3")
+_OPTION_OF = {"threshold": "--threshold", "connectivity": "--connectivity", "max_count": "--max-count",
+              "from_logits": "--from-logits", "channel": "--channel", "baseline_threshold": "--baseline-threshold",
+              "min_volume_mm3": "--min-volume", "min_size_voxels": "--min-size", "mask": "--mask"}
+
+
+def _check_same_settings(stored: dict, settings) -> None:
+    """ValueError naming every option whose value differs between a kept report and this run."""
+    current = {"threshold": settings.threshold, "connectivity": settings.connectivity,
+               "max_count": settings.max_count, "from_logits": settings.from_logits, "channel": settings.channel,
+               "baseline_threshold": settings.baseline_threshold, "min_volume_mm3": settings.min_volume}
+    keys = list(_RESULT_SETTINGS)
+    if settings.min_volume is None:
+        current["min_size_voxels"] = settings.min_size
+        keys.append("min_size_voxels")
+    differ = [f"{_OPTION_OF[k]} {stored.get(k, 'missing')!r} (now {current[k]!r})" for k in keys
+              if stored.get(k, "missing") != current[k]]
+    old_mask, new_mask = stored.get("mask", "missing"), settings.mask
+    same_mask = old_mask == new_mask or (isinstance(old_mask, str) and new_mask is not None
+                                         and pathlib.Path(old_mask).resolve() == pathlib.Path(new_mask).resolve())
+    if not same_mask:
+        differ.append(f"--mask {old_mask!r} (now {new_mask!r})")
+    if differ:
+        raise ValueError("it was computed with other settings: " + ", ".join(differ))
 
 
 def _part_suffix(args) -> str:
@@ -261,8 +312,16 @@ def _run(args: argparse.Namespace) -> int:
         # never count the mask or this command's own label maps as cases when they sit in the input folder
         skip = {args.mask.resolve()} if args.mask is not None and args.mask.is_file() else set()
         same_folder = args.output.exists() and args.output.resolve() == args.input.resolve()
-        all_cases = [p for p in all_cases if p.resolve() not in skip
-                     and not (same_folder and p.name.endswith("_labels.nii.gz"))]
+        # CASE_labels.nii.gz next to CASE is what --save-labels wrote into this folder (now or in an earlier
+        # run with -o = this folder): an integer label map, which a single lesion would make look like a
+        # valid 0/1 probability map
+        names = {case_name(p) for p in all_cases}
+        own_labels = {p for p in all_cases if p.name.endswith("_labels.nii.gz")
+                      and (same_folder or case_name(p)[: -len("_labels")] in names)}
+        if own_labels and not same_folder and not args.quiet:
+            print(f"lesioncount count: note: skipping {len(own_labels)} label map(s) written by --save-labels "
+                  f"(CASE_labels.nii.gz next to CASE), e.g. {min(own_labels).name}", file=sys.stderr)
+        all_cases = [p for p in all_cases if p.resolve() not in skip and p not in own_labels]
     if not all_cases:
         return fail(f"{args.input}: no case files (.nii, .nii.gz, .npz, .npy) found")
     cases = shard(all_cases, args.num_parts, args.part_id)
@@ -298,9 +357,9 @@ def _run(args: argparse.Namespace) -> int:
         if args.skip_existing and json_path.exists():
             try:
                 report = json.loads(json_path.read_text())
-                if report["settings"]["max_count"] != args.max_count:
-                    raise ValueError(f"it was computed with --max-count {report['settings']['max_count']}")
+                _check_same_settings(report["settings"], settings)
                 rows[index] = summary_row(report)
+                totals["kept"] += 1
             except (ValueError, KeyError, TypeError) as exc:
                 errors.append((case_name(path), str(path), f"existing {json_path.name} unusable: {exc}; use --overwrite"))
             continue
@@ -407,7 +466,7 @@ def _run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - t_start
     if not args.quiet:
         print(f"lesioncount count: {totals['counted']} of {len(cases)} case(s) counted, {len(errors)} failed, "
-              f"{len(cases) - len(todo)} kept from earlier runs -> {out_dir} in {elapsed:.2f} s "
+              f"{totals['kept']} kept from earlier runs -> {out_dir} in {elapsed:.2f} s "
               f"(read {totals['read_s']:.2f} s in {max(args.workers, 1)} thread(s), waited for reads "
               f"{totals['wait_s']:.2f} s, count {totals['count_s']:.2f} s, write {totals['write_s']:.2f} s)")
     if errors:

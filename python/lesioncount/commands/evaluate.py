@@ -22,7 +22,9 @@ Outputs in OUT_DIR: ``report.md`` (settings, tables, figures, failures), ``per_c
 ``metrics.csv``, ``accuracy_vs_discarded.csv``, ``threshold_sweep.png``, ``reliability.png``,
 ``accuracy_vs_discarded.png``. Unpaired and unreadable cases are listed in the report and on stderr;
 the exit code is 1 when any case failed or was unpaired (``--allow-missing``: unpaired cases do not
-count), 2 for bad arguments.
+count), 2 for bad arguments. An nnU-Net ``CASE.npz`` takes its geometry from the sibling
+``CASE.nii.gz``; without it the case fails unless ``--allow-missing-geometry`` (then the GT mask's
+geometry is used, the shapes being equal).
 
 Example:
     lesioncount evaluate -p nnunet_out/ -g labelsTs/ -o eval/ --min-volume 3 --thresholds 0.1,0.3,0.5
@@ -36,6 +38,7 @@ import math
 import pathlib
 import sys
 import time
+import warnings
 
 HELP = "score count distributions and the cc_count baseline against ground-truth masks (report, CSV, plots)"
 
@@ -45,30 +48,33 @@ METHOD = "count_distribution"
 BASELINE = "cc_count"
 
 
-def _float_list(text: str, name: str, lo: float, hi: float, hi_open: bool = True) -> tuple[float, ...]:
+def _float_list(text: str, lo: float, hi: float, hi_open: bool = True) -> tuple[float, ...]:
+    # argparse prefixes these messages with "argument --NAME:", so they do not repeat the name
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{name} must be comma-separated numbers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
     if not values:
-        raise argparse.ArgumentTypeError(f"{name} must not be empty")
+        raise argparse.ArgumentTypeError("expected at least one number")
     for v in values:
         ok = lo <= v < hi if hi_open else lo <= v <= hi
         if not ok or math.isnan(v):
-            raise argparse.ArgumentTypeError(f"{name}: {v} is outside [{lo}, {hi}{')' if hi_open else ']'}")
+            raise argparse.ArgumentTypeError(f"{v} is outside [{lo}, {hi}{')' if hi_open else ']'}")
     return tuple(sorted(set(values)))
 
 
 def _thresholds(text: str) -> tuple[float, ...]:
-    return _float_list(text, "--thresholds", 0.0, 1.0)
+    return _float_list(text, 0.0, 1.0)
 
 
 def _fractions(text: str) -> tuple[float, ...]:
-    return _float_list(text, "--discard-fractions", 0.0, 1.0)
+    return _float_list(text, 0.0, 1.0)
 
 
 def _probability(text: str) -> float:
-    return _float_list(text, "--report-threshold", 0.0, 1.0)[0]
+    if "," in text:
+        raise argparse.ArgumentTypeError(f"expected one number, got {text!r}")
+    return _float_list(text, 0.0, 1.0)[0]
 
 
 def _positive_int(text: str) -> int:
@@ -134,6 +140,9 @@ def register(subparsers) -> None:
                    help="comma-separated fractions in [0, 1) of most uncertain cases to discard")
     p.add_argument("--allow-missing", action="store_true",
                    help="cases present in only one folder are reported but do not make the exit code non-zero")
+    p.add_argument("--allow-missing-geometry", action="store_true",
+                   help="nnU-Net .npz without its sibling CASE.nii.gz: take the geometry from the GT mask "
+                        "instead of failing")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures (no matplotlib needed)")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-case progress lines")
     p.set_defaults(func=run)
@@ -154,6 +163,8 @@ class CaseResult:
 
 @dataclasses.dataclass
 class Failure:
+    """A case that could not be evaluated: its id, the file at fault and the reason (shown in the report)."""
+
     case: str
     file: str
     reason: str
@@ -166,25 +177,51 @@ def _has_geometry(path: pathlib.Path) -> bool:
 def evaluate_case(pred_path: pathlib.Path, gt_path: pathlib.Path, args, thresholds) -> CaseResult:
     """Read one prediction (once) and its GT mask; count the GT and the prediction at every threshold.
 
+    Args:
+        pred_path: probability (or logit) map file, read by :func:`lesioncount.io.read_probability_map`
+            into an (X, Y, Z) array.
+        gt_path: lesion mask on the same grid (nonzero = lesion).
+        args: the parsed ``evaluate`` options (connectivity, min_size / min_volume, max_count,
+            from_logits, channel, allow_missing_geometry).
+        thresholds: (T,) sorted candidate thresholds.
+
+    Returns:
+        :class:`CaseResult` with (T, M+1) pmf / log_pmf and (T,) expected count, entropy, cc_count.
+
     Raises:
         CaseReadError / ValueError naming the file at fault.
+
+    Example:
+        >>> from lesioncount.cli import build_parser
+        >>> args = build_parser().parse_args(["evaluate", "-p", "p", "-g", "g", "-o", "o"])
+        >>> case = evaluate_case(pathlib.Path("p/a.nii.gz"), pathlib.Path("g/a.nii.gz"), args, [0.1, 0.5])  # doctest: +SKIP
+        >>> case.pmf.shape                                                                  # doctest: +SKIP
+        torch.Size([2, 5])
     """
     import numpy as np
     import torch
 
     from .. import count_distribution, label
-    from ..io import CaseReadError, read_mask, read_probability_map
+    from ..io import CaseReadError, _nnunet_sibling, read_mask, read_probability_map
     from ..report import min_size_for_volume
 
-    pred = read_probability_map(pred_path, channel=args.channel)
+    # an nnU-Net .npz without its sibling segmentation has no geometry of its own; with
+    # --allow-missing-geometry it takes the GT mask's (same grid: the shapes are compared below)
+    no_sibling = pred_path.name.lower().endswith(".npz") and _nnunet_sibling(pred_path) is None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*sibling segmentation .* not found")
+        pred = read_probability_map(pred_path, channel=args.channel,
+                                    missing_geometry="identity" if getattr(args, "allow_missing_geometry", False)
+                                    else "error")
+    pred_geometry = _has_geometry(pred_path) and not no_sibling
     gt = read_mask(gt_path)
     if tuple(pred.data.shape) != tuple(gt.data.shape):
         raise CaseReadError(gt_path, f"mask shape {tuple(gt.data.shape)} does not match the prediction "
                                      f"{pred_path.name} of shape {tuple(pred.data.shape)}")
-    if _has_geometry(pred_path) and _has_geometry(gt_path) and not np.allclose(pred.affine, gt.affine, atol=1e-3):
+    if pred_geometry and _has_geometry(gt_path) and not np.allclose(pred.affine, gt.affine, atol=1e-3):
         raise CaseReadError(gt_path, f"affine differs from that of the prediction {pred_path.name} "
                                      f"(max difference {np.abs(pred.affine - gt.affine).max():.3g})")
-    geometry = pred if _has_geometry(pred_path) else gt
+    geometry = pred if pred_geometry else gt
     min_size = args.min_size
     if args.min_volume is not None:
         min_size = min_size_for_volume(args.min_volume, geometry.voxel_volume)
@@ -226,7 +263,23 @@ def _pair_cases(pred_root, gt_root):
 
 
 def compute_tables(cases: list[CaseResult], thresholds, args):
-    """Metric rows per (method, threshold), accuracy-vs-discarded rows, and what the figures need."""
+    """Metric rows per (method, threshold), accuracy-vs-discarded rows, and what the figures need.
+
+    Args:
+        cases: N :class:`CaseResult` (same thresholds, same M).
+        thresholds: (T,) the sweep; must contain ``args.report_threshold``.
+        args: ``max_count``, ``n_bins``, ``report_threshold``, ``discard_fractions``.
+
+    Returns:
+        ``(rows, discard_rows, figures)``: 2T dicts ``{method, threshold, n_cases, accuracy, precision,
+        recall, f1, ece, mce, count_mae, nll}`` (baseline nll None); F dicts ``{fraction, n_discarded,
+        n_kept, accuracy}``; tensors for the figures (``pmf_report`` (N, M+1), ``target`` (N,), ...).
+
+    Example:
+        >>> rows, discard_rows, figures = compute_tables(cases, [0.1, 0.5], args)   # doctest: +SKIP
+        >>> [(r["method"], r["threshold"]) for r in rows][:2]                       # doctest: +SKIP
+        [('count_distribution', 0.1), ('cc_count', 0.1)]
+    """
     import torch
     import torch.nn.functional as F
 
@@ -287,7 +340,16 @@ def _write_csv(path: pathlib.Path, fieldnames, rows) -> None:
 
 
 def per_case_rows(cases: list[CaseResult], thresholds) -> tuple[list[str], list[dict]]:
-    """Columns ``case, gt_count`` and, per threshold t, ``expected@t, most_likely@t, cc_count@t``."""
+    """Columns ``case, gt_count`` and, per threshold t, ``expected@t, most_likely@t, cc_count@t``.
+
+    Returns:
+        ``(fieldnames, rows)``: 2 + 3T column names and one dict per case.
+
+    Example:
+        >>> fields, rows = per_case_rows(cases, [0.1])   # doctest: +SKIP
+        >>> fields                                         # doctest: +SKIP
+        ['case', 'gt_count', 'expected@0.1', 'most_likely@0.1', 'cc_count@0.1']
+    """
     fields = ["case", "gt_count"]
     for t in thresholds:
         fields += [f"expected@{t:g}", f"most_likely@{t:g}", f"cc_count@{t:g}"]
@@ -304,6 +366,14 @@ def per_case_rows(cases: list[CaseResult], thresholds) -> tuple[list[str], list[
 
 
 def write_figures(out: pathlib.Path, rows, discard_rows, figures, thresholds, args) -> list[str]:
+    """Write threshold_sweep.png, reliability.png and accuracy_vs_discarded.png into ``out``.
+
+    Args: the outputs of :func:`compute_tables` and the parsed options. Returns the file names written.
+
+    Example:
+        >>> write_figures(out, *compute_tables(cases, thresholds, args), thresholds, args)  # doctest: +SKIP
+        ['threshold_sweep.png', 'reliability.png', 'accuracy_vs_discarded.png']
+    """
     from .. import plot
 
     written = []
@@ -328,6 +398,11 @@ def write_figures(out: pathlib.Path, rows, discard_rows, figures, thresholds, ar
 
 def write_report(out: pathlib.Path, args, thresholds, cases, rows, discard_rows, figures, failures, no_gt, no_pred,
                  pngs, elapsed: float) -> None:
+    """Write ``out/report.md``: settings, metric tables, figure links and every failed or unpaired case.
+
+    Example:
+        >>> write_report(out, args, thresholds, cases, rows, discard_rows, figures, [], [], [], pngs, 1.2)  # doctest: +SKIP
+    """
     from .. import __version__
 
     lines = ["# lesioncount evaluation", ""]
@@ -411,7 +486,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"lesioncount evaluate: {exc}", file=sys.stderr)
         return 2
     out = args.output
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"lesioncount evaluate: error: -o/--output {out}: cannot create the output folder ({exc})", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     cases: list[CaseResult] = []
     failures: list[Failure] = []

@@ -5,7 +5,8 @@ The slice (``--slice`` along ``--axis``, voxel axes i, j, k = 0, 1, 2) defaults 
 argmax voxel of the most probable candidate (the middle slice when there is no candidate). It is
 shown with the first remaining voxel axis horizontal and the second vertical, increasing upwards
 (for an axial RAS NIfTI slice: left-right across, posterior-anterior up). The background is
-``--image`` when given (same grid as the map), else the probability map itself.
+``--image`` when given (same shape and, unless one of them is ``.npy``, the same affine within
+1e-3 mm as the map), else the probability map itself.
 
 ``-o OUT.png`` writes one figure with both panels; any other ``-o`` is a folder that receives
 ``CASE_count_distribution.png`` and ``CASE_slice.png``.
@@ -43,6 +44,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-count", type=_positive_int, default=4, help="M: count bins 0..M-1 and 'M or more'")
     p.add_argument("--from-logits", action="store_true", help="the map holds logits")
     p.add_argument("--channel", type=_nonneg_int, default=1, help="lesion channel of multi-channel maps")
+    p.add_argument("--allow-missing-geometry", action="store_true",
+                   help="nnU-Net .npz without its sibling CASE.nii.gz: identity affine (1 mm voxels) "
+                        "instead of failing")
     p.add_argument("--true-count", type=_nonneg_int, default=None, help="mark this count on the bar chart")
     p.add_argument("--axis", type=int, default=2, choices=(0, 1, 2), help="voxel axis the slice is taken across")
     p.add_argument("--slice", type=_nonneg_int, default=None,
@@ -51,7 +55,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Count, pick the slice, draw, write. Returns the exit code (0 ok, 1 unreadable/invalid input)."""
+    """Count, pick the slice, draw, write. Returns the exit code (0 ok, 1 unreadable/invalid input,
+    2 unusable output path)."""
     from .._extras import require
 
     require("matplotlib", "`lesioncount plot`")
@@ -60,17 +65,25 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import count_distribution
     from .. import plot as plots
-    from ..io import CaseReadError, read_probability_map
+    from ..io import CaseReadError, _nnunet_sibling, read_probability_map
     from ..report import min_size_for_volume
 
     try:
-        vol = read_probability_map(args.input, channel=args.channel)
+        vol = read_probability_map(args.input, channel=args.channel,
+                                   missing_geometry="identity" if args.allow_missing_geometry else "error")
         image = None
         if args.image is not None:
             image = read_probability_map(args.image, channel=args.image_channel)
             if image.data.shape != vol.data.shape:
                 raise CaseReadError(args.image, f"image shape {image.data.shape} does not match the map "
                                                 f"{args.input.name} of shape {vol.data.shape}")
+            with_geometry = [not (p.name.lower().endswith(".npy")
+                                  or (p.name.lower().endswith(".npz") and _nnunet_sibling(p) is None))
+                             for p in (args.input, args.image)]
+            if all(with_geometry) and not np.allclose(image.affine, vol.affine, rtol=1e-5, atol=1e-3):
+                raise CaseReadError(args.image, f"affine differs from that of the map {args.input.name} (max "
+                                                f"difference {np.abs(image.affine - vol.affine).max():.3g}): "
+                                                f"the image is on another voxel grid; resample it to the map's grid")
         min_size = args.min_size
         if args.min_volume is not None:
             min_size = min_size_for_volume(args.min_volume, vol.voxel_volume)
@@ -122,13 +135,18 @@ def run(args: argparse.Namespace) -> int:
                            aspect=spacing[b] / spacing[a])
     pmf = r.pmf[0]
     out = args.output
+    folder = out.parent if out.suffix.lower() == ".png" else out
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"lesioncount plot: error: -o/--output {out}: cannot create the folder {folder} ({exc})", file=sys.stderr)
+        return 2
     if out.suffix.lower() == ".png":
         fig, (ax1, ax2) = plots.new_figure(1, 2, figsize=(12, 5.2))
         plots.plot_count_distribution(pmf, args.true_count, ax=ax1, title=count_title)
         plots.plot_slice_overlay(background, labels2d, lesion_probs, ax=ax2, **overlay_options)
         written = [plots.save_figure(fig, out)]
     else:
-        out.mkdir(parents=True, exist_ok=True)
         written = [
             plots.save_figure(plots.plot_count_distribution(pmf, args.true_count, title=count_title),
                               out / f"{vol.name}_count_distribution.png"),
