@@ -1,0 +1,544 @@
+"""Evaluate trained UNets on a test split: the paper's Table 1 and Table C.1 and its figures.
+
+For every model (checkpoint) the test volumes are run through the network once (no_grad, batched,
+mixed precision on GPU) and every statistic is accumulated batch by batch, so memory stays at one
+batch of volumes plus per-case numbers:
+
+- **this method**: the count distribution of the logits at the candidate threshold (paper: 0.1,
+  18-connectivity, bins 0..3 and 4+); its most likely count gives the count accuracy and the
+  class-averaged (macro) F1; its pmf the count ECE / MCE (top-label, torchmetrics binning), the NLL
+  and the accuracy after discarding the most uncertain cases (highest pmf entropy);
+- **the baseline**: the number of connected components of ``probability > 0.5`` (``cc_count``),
+  scored with the same accuracy / F1 and, as a one-hot pmf, the same ECE / MCE;
+- **segmentation**: voxel-wise F1 (Dice, pooled over all test voxels) at 0.5, and the voxel-wise
+  ECE / MCE (torchmetrics binary calibration error), accumulated as per-bin sums;
+- **threshold sweep** (Table C.1): count accuracy and F1 of both methods for thresholds 0.1..0.9.
+
+:func:`write_report` writes ``report.md``, ``table1.csv``, ``threshold_sweep.csv``,
+``accuracy_vs_discarded.csv``, ``per_case.csv`` and PNG figures (reliability diagrams, accuracy vs
+discarded fraction, threshold sweep, one example count distribution per model).
+
+Example:
+    >>> from lesioncount.train.evaluation import evaluate_checkpoints, write_report
+    >>> results = evaluate_checkpoints({"multitask": "runs/mt/best.pt"}, device="cpu")   # doctest: +SKIP
+    >>> write_report(results, "eval/")                                                    # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import csv
+import math
+import pathlib
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .config import ConfigError, TrainConfig
+
+__all__ = [
+    "DISCARD_FRACTIONS",
+    "ModelEvaluation",
+    "SWEEP_THRESHOLDS",
+    "VoxelStats",
+    "evaluate_checkpoints",
+    "evaluate_model",
+    "load_model",
+    "summarize",
+    "write_report",
+]
+
+SWEEP_THRESHOLDS = tuple(round(0.1 * k, 1) for k in range(1, 10))  # 0.1 .. 0.9
+DISCARD_FRACTIONS = tuple(round(0.05 * k, 2) for k in range(0, 11))  # 0 .. 0.5
+THIS_METHOD = "count distribution"
+BASELINE = "cc_count"
+
+
+# ----------------------------------------------------------------------------------------------
+# streaming voxel statistics
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class VoxelStats:
+    """Voxel-wise confusion counts at ``threshold`` and calibration bins, accumulated over batches.
+
+    The calibration bins are those of torchmetrics' binary calibration error: ``n_bins``
+    equal-width bins of the probability (compared in float32, ``bucketize(right=True)``) plus one
+    bin for probability exactly 1.0; per bin the number of voxels, the sum of probabilities and the
+    number of lesion voxels (float64 sums).
+
+    Example:
+        >>> stats = VoxelStats(threshold=0.5, n_bins=2)
+        >>> stats.update(torch.tensor([0.25, 0.25, 0.55, 0.75, 0.75]), torch.tensor([0, 0, 1, 1, 1]))
+        >>> [round(v, 4) for v in stats.calibration_errors()]
+        [0.29, 0.3167]
+    """
+
+    threshold: float = 0.5
+    n_bins: int = 10
+    tp: float = 0.0
+    fp: float = 0.0
+    fn: float = 0.0
+    bin_count: torch.Tensor | None = None
+    bin_confidence: torch.Tensor | None = None
+    bin_positive: torch.Tensor | None = None
+
+    def update(self, probs: torch.Tensor, mask: torch.Tensor) -> None:
+        """Add a batch: ``probs`` (...) in [0, 1] and a binary ``mask`` of the same shape."""
+        p = probs.detach().float().reshape(-1)
+        t = (mask.detach() > 0.5).reshape(-1)
+        pred = p > self.threshold
+        sums = torch.stack([(pred & t).sum(), (pred & ~t).sum(), (~pred & t).sum()]).tolist()
+        self.tp += sums[0]
+        self.fp += sums[1]
+        self.fn += sums[2]
+        edges = torch.linspace(0, 1, self.n_bins + 1, dtype=torch.float32, device=p.device)
+        index = torch.bucketize(p.clamp(0, 1), edges, right=True) - 1
+        n = self.n_bins + 1
+        count = torch.bincount(index, minlength=n).to(torch.float64).cpu()
+        conf = torch.zeros(n, dtype=torch.float64, device=p.device).index_add_(0, index, p.double()).cpu()
+        pos = torch.bincount(index, weights=t.double(), minlength=n).cpu()
+        if self.bin_count is None:
+            self.bin_count, self.bin_confidence, self.bin_positive = count, conf, pos
+        else:
+            self.bin_count += count
+            self.bin_confidence += conf
+            self.bin_positive += pos
+
+    def f1(self) -> float:
+        """Voxel-wise F1 (Dice) 2TP / (2TP + FP + FN); 1.0 when prediction and mask are both empty."""
+        denominator = 2 * self.tp + self.fp + self.fn
+        return 2 * self.tp / denominator if denominator > 0 else 1.0
+
+    def calibration_errors(self) -> tuple[float, float]:
+        """(ECE, MCE): sum_b frac_b |pos_b - conf_b| and max_b |pos_b - conf_b| over the bins."""
+        if self.bin_count is None or float(self.bin_count.sum()) == 0:
+            return float("nan"), float("nan")
+        count = self.bin_count
+        safe = count.clamp_min(1)
+        gap = torch.where(count > 0, (self.bin_positive / safe - self.bin_confidence / safe).abs(), 0.0)
+        return float((gap * count / count.sum()).sum()), float(gap.max())
+
+
+# ----------------------------------------------------------------------------------------------
+# model loading and prediction
+# ----------------------------------------------------------------------------------------------
+
+def load_model(checkpoint, device="cpu"):
+    """Rebuild the UNet of a training checkpoint and load its weights (eval mode).
+
+    Returns ``(model, config, checkpoint_dict)``; ``config`` is the run's :class:`TrainConfig`.
+
+    Example:
+        >>> model, config, ckpt = load_model("runs/tiny/best.pt")   # doctest: +SKIP
+        >>> config.base_filters, ckpt["epoch"]                      # doctest: +SKIP
+        (4, 2)
+    """
+    from .loop import load_checkpoint
+    from .model import UNet3D
+
+    ckpt = load_checkpoint(checkpoint, map_location="cpu")
+    try:
+        config = TrainConfig.from_dict(ckpt["config"], source=str(checkpoint))
+    except ConfigError as exc:
+        raise ValueError(f"{checkpoint}: its saved config is invalid: {exc}") from None
+    in_channels = int(ckpt.get("in_channels", 5))
+    model = UNet3D(in_channels=in_channels, out_channels=1, base_filters=config.base_filters,
+                   levels=config.levels, dropout=config.dropout)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise ValueError(f"{checkpoint}: the weights do not fit UNet3D(in_channels={in_channels}, "
+                         f"base_filters={config.base_filters}, levels={config.levels}): {exc}") from None
+    return model.to(device).eval(), config, ckpt
+
+
+@dataclass
+class ModelEvaluation:
+    """Per-case predictions of one model on a test split, plus its streamed voxel statistics.
+
+    Shapes (N cases, T sweep thresholds, M = ``max_count``): ``counts`` (N,) true counts;
+    ``pmf``/``log_pmf`` (N, M+1) at ``count_threshold``; ``expected_count``, ``entropy``,
+    ``num_candidates`` (N,); ``baseline_counts`` (N,) cc_count at ``baseline_threshold``;
+    ``sweep_pmf`` (N, T, M+1) and ``sweep_cc_counts`` (N, T) at ``sweep_thresholds``.
+
+    Example:
+        >>> ev = evaluate_model(model, test_set, name="multitask")      # doctest: +SKIP
+        >>> ev.pmf.shape, ev.sweep_pmf.shape                            # doctest: +SKIP
+        (torch.Size([10, 5]), torch.Size([10, 9, 5]))
+    """
+
+    name: str
+    checkpoint: str
+    case_names: list
+    counts: torch.Tensor
+    pmf: torch.Tensor
+    log_pmf: torch.Tensor
+    expected_count: torch.Tensor
+    entropy: torch.Tensor
+    num_candidates: torch.Tensor
+    baseline_counts: torch.Tensor
+    sweep_thresholds: tuple
+    sweep_pmf: torch.Tensor
+    sweep_cc_counts: torch.Tensor
+    voxels: VoxelStats
+    max_count: int
+    count_threshold: float
+    baseline_threshold: float
+    connectivity: int
+    n_bins: int
+    summary: dict = field(default_factory=dict)
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, dataset: Dataset, *, name: str = "model", checkpoint: str = "",
+                   device="cpu", batch_size: int = 2, amp_dtype: torch.dtype | None = None,
+                   count_threshold: float = 0.1, baseline_threshold: float = 0.5, seg_threshold: float = 0.5,
+                   connectivity: int = 18, max_count: int = 4, n_bins: int = 10,
+                   sweep_thresholds=SWEEP_THRESHOLDS, num_workers: int = 0) -> ModelEvaluation:
+    """Run ``model`` over ``dataset`` and collect everything Table 1 / C.1 need (see module doc).
+
+    Args:
+        model: logits network, (B, C, D, H, W) -> (B, 1, D, H, W).
+        dataset: items ``{"image", "mask", "count", "name"}`` as in :mod:`lesioncount.train.data`.
+        count_threshold: candidate threshold of the count distribution (paper 0.1).
+        baseline_threshold: threshold of the cc_count baseline (0.5).
+        seg_threshold: threshold of the voxel-wise F1.
+        sweep_thresholds: thresholds of the Table C.1 sweep (both methods).
+
+    Returns:
+        :class:`ModelEvaluation` (call :func:`summarize` for the metrics).
+
+    Example:
+        >>> ev = evaluate_model(model, test_set, name="multitask")   # doctest: +SKIP
+        >>> summarize(ev)["rows"][0]["count_accuracy"]                # doctest: +SKIP
+    """
+    import lesioncount
+
+    device = torch.device(device)
+    if len(dataset) == 0:
+        raise ValueError(f"{name}: the test split is empty")
+    model = model.to(device).eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    voxels = VoxelStats(threshold=seg_threshold, n_bins=n_bins)
+    thresholds = tuple(float(t) for t in sweep_thresholds)
+    parts: dict[str, list] = {k: [] for k in ("counts", "pmf", "log_pmf", "expected", "entropy", "num",
+                                              "baseline", "sweep_pmf", "sweep_cc")}
+    case_names: list[str] = []
+    autocast = torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    for batch in loader:
+        image = batch["image"].to(device)
+        with autocast:
+            logits = model(image)
+        logits = logits.float()
+        mask = batch["mask"].to(device)
+        voxels.update(torch.sigmoid(logits), mask)
+        result = lesioncount.count_distribution(logits, threshold=count_threshold, connectivity=connectivity,
+                                                max_count=max_count, from_logits=True)
+        parts["counts"].append(batch["count"].reshape(-1).long())
+        parts["pmf"].append(result.pmf.double().cpu())
+        parts["log_pmf"].append(result.log_pmf.double().cpu())
+        parts["expected"].append(result.expected_count.double().cpu())
+        parts["entropy"].append(result.entropy.double().cpu())
+        parts["num"].append(result.num_lesions.cpu())
+        parts["baseline"].append(lesioncount.cc_count(logits, threshold=baseline_threshold,
+                                                      connectivity=connectivity, from_logits=True).cpu())
+        sweep_pmf, sweep_cc = [], []
+        for t in thresholds:
+            r = lesioncount.count_distribution(logits, threshold=t, connectivity=connectivity,
+                                               max_count=max_count, from_logits=True)
+            sweep_pmf.append(r.pmf.double().cpu())
+            sweep_cc.append(lesioncount.cc_count(logits, threshold=t, connectivity=connectivity,
+                                                 from_logits=True).cpu())
+        parts["sweep_pmf"].append(torch.stack(sweep_pmf, dim=1))
+        parts["sweep_cc"].append(torch.stack(sweep_cc, dim=1))
+        names = batch.get("name")
+        case_names.extend(list(names) if names is not None else
+                          [f"case{len(case_names) + i:04d}" for i in range(image.shape[0])])
+    cat = {k: torch.cat(v) for k, v in parts.items()}
+    evaluation = ModelEvaluation(
+        name=name, checkpoint=str(checkpoint), case_names=case_names, counts=cat["counts"], pmf=cat["pmf"],
+        log_pmf=cat["log_pmf"], expected_count=cat["expected"], entropy=cat["entropy"], num_candidates=cat["num"],
+        baseline_counts=cat["baseline"], sweep_thresholds=thresholds, sweep_pmf=cat["sweep_pmf"],
+        sweep_cc_counts=cat["sweep_cc"], voxels=voxels, max_count=max_count, count_threshold=count_threshold,
+        baseline_threshold=baseline_threshold, connectivity=connectivity, n_bins=n_bins)
+    evaluation.summary = summarize(evaluation)
+    return evaluation
+
+
+def _one_hot_pmf(counts: torch.Tensor, max_count: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(counts.clamp(0, max_count), max_count + 1).double()
+
+
+def summarize(ev: ModelEvaluation, fractions=DISCARD_FRACTIONS) -> dict:
+    """Table rows of one :class:`ModelEvaluation` (uses :mod:`lesioncount.metrics`).
+
+    Returns a dict with ``rows`` (Table 1: one row per method with count_accuracy, count_f1,
+    count_ece, count_mce, count_nll, count_mae, seg_f1, seg_ece, seg_mce), ``sweep`` (Table C.1:
+    rows of threshold, method, accuracy, f1) and ``discarded`` (fraction, accuracy) of this method.
+
+    Example:
+        >>> summarize(ev)["rows"][1]["method"]   # doctest: +SKIP
+        'cc_count (tau=0.5)'
+    """
+    from .. import metrics
+
+    M = ev.max_count
+    seg_ece, seg_mce = ev.voxels.calibration_errors()
+    seg = {"seg_f1": ev.voxels.f1(), "seg_ece": seg_ece, "seg_mce": seg_mce}
+
+    def scores(pmf: torch.Tensor, predicted: torch.Tensor) -> dict:
+        prf = metrics.count_precision_recall_f1(predicted, ev.counts, max_count=M)
+        ece, mce = metrics.count_calibration_errors(pmf, ev.counts, max_count=M, n_bins=ev.n_bins)
+        return {"count_accuracy": float(metrics.count_accuracy(predicted, ev.counts, max_count=M)),
+                "count_f1": float(prf["f1"]), "count_ece": float(ece), "count_mce": float(mce)}
+
+    ours = scores(ev.pmf, ev.pmf.argmax(1))
+    target_bins = ev.counts.clamp_max(M)
+    ours["count_nll"] = float(-ev.log_pmf.gather(1, target_bins.view(-1, 1)).mean())
+    ours["count_mae"] = float((ev.expected_count - ev.counts.double()).abs().mean())
+    baseline = scores(_one_hot_pmf(ev.baseline_counts, M), ev.baseline_counts)
+    baseline["count_nll"] = float("nan")  # a hard count has no likelihood to speak of
+    baseline["count_mae"] = float((ev.baseline_counts - ev.counts).abs().double().mean())
+    rows = [
+        {"model": ev.name, "method": f"{THIS_METHOD} (tau={ev.count_threshold:g})", **ours, **seg},
+        {"model": ev.name, "method": f"{BASELINE} (tau={ev.baseline_threshold:g})", **baseline, **seg},
+    ]
+    sweep = []
+    for j, t in enumerate(ev.sweep_thresholds):
+        for method, predicted in ((THIS_METHOD, ev.sweep_pmf[:, j].argmax(1)), (BASELINE, ev.sweep_cc_counts[:, j])):
+            prf = metrics.count_precision_recall_f1(predicted, ev.counts, max_count=M)
+            sweep.append({"model": ev.name, "threshold": t, "method": method,
+                          "accuracy": float(metrics.count_accuracy(predicted, ev.counts, max_count=M)),
+                          "f1": float(prf["f1"])})
+    accuracies = metrics.accuracy_vs_discarded(ev.pmf, ev.counts, list(fractions), max_count=M)
+    discarded = [{"model": ev.name, "fraction": float(f), "accuracy": float(a)}
+                 for f, a in zip(fractions, accuracies.tolist())]
+    return {"rows": rows, "sweep": sweep, "discarded": discarded}
+
+
+# ----------------------------------------------------------------------------------------------
+# several checkpoints on one test split
+# ----------------------------------------------------------------------------------------------
+
+DATA_KEYS = ("data", "data_dir", "num_train", "num_val", "num_test", "shape", "connectivity", "seed")
+
+
+def evaluate_checkpoints(checkpoints: dict, *, data_overrides: dict | None = None, split: str = "test",
+                         device: str = "auto", batch_size: int | None = None, amp: str = "auto",
+                         count_threshold: float | None = None, baseline_threshold: float = 0.5,
+                         seg_threshold: float = 0.5, max_count: int | None = None, n_bins: int = 10,
+                         num_workers: int = 0, log=print) -> dict:
+    """Evaluate several checkpoints on the same split.
+
+    The data settings (source, folder, split sizes, shape, connectivity, seed) come from the first
+    checkpoint's training config, overridden by ``data_overrides``, so every model is scored on the
+    same cases; a model trained on other data settings is noted in the result (``notes``).
+
+    Args:
+        checkpoints: display name -> checkpoint path (``best.pt`` / ``last.pt``).
+        split: "test" (default) or "val".
+        count_threshold / max_count: default to the first checkpoint's training settings.
+
+    Returns:
+        dict with ``models`` (name -> :class:`ModelEvaluation`), ``data`` (the data settings used),
+        ``split``, ``notes``.
+
+    Example:
+        >>> res = evaluate_checkpoints({"post_hoc": "a/best.pt", "multitask": "b/best.pt"})  # doctest: +SKIP
+    """
+    from .data import build_datasets
+    from .loop import resolve_amp_dtype, resolve_device
+
+    if not checkpoints:
+        raise ValueError("no checkpoint given")
+    if split not in ("test", "val"):
+        raise ValueError(f"`split` must be 'test' or 'val', got {split!r}")
+    device = resolve_device(device)
+    amp_dtype = resolve_amp_dtype(amp, device)
+    loaded = {}
+    for name, path in checkpoints.items():
+        loaded[name] = load_model(path, device)
+    first_config = next(iter(loaded.values()))[1]
+    data_settings = {k: getattr(first_config, k) for k in DATA_KEYS}
+    data_settings.update({k: v for k, v in (data_overrides or {}).items() if v is not None})
+    try:
+        data_config = TrainConfig.from_dict({**first_config.to_dict(), **data_settings}, source="data settings")
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    notes = []
+    for name, (_, config, _) in loaded.items():
+        differing = [k for k in DATA_KEYS if k not in (data_overrides or {}) and getattr(config, k) != getattr(first_config, k)]
+        if differing:
+            notes.append(f"{name} was trained with different data settings ({', '.join(differing)}); "
+                         f"it is evaluated on the data settings of the first model")
+    _, val_set, test_set = build_datasets(
+        data_config.data, num_train=data_config.num_train, num_val=data_config.num_val,
+        num_test=data_config.num_test, shape=tuple(data_config.shape), seed=data_config.seed,
+        connectivity=data_config.connectivity, data_dir=data_config.data_dir)
+    dataset = test_set if split == "test" else val_set
+    if len(dataset) == 0:
+        raise ValueError(f"the {split} split is empty (data={data_config.data!r}, num_{split}="
+                         f"{getattr(data_config, 'num_' + split)})")
+    channels = int(dataset[0]["image"].shape[0])
+    models = {}
+    for name, (model, config, ckpt) in loaded.items():
+        if model.in_channels != channels:
+            raise ValueError(f"{checkpoints[name]}: the model takes {model.in_channels} input channels, "
+                             f"the {split} data has {channels}")
+        log(f"evaluating {name} ({checkpoints[name]}, epoch {ckpt.get('epoch', '?')}) on {len(dataset)} "
+            f"{split} cases")
+        models[name] = evaluate_model(
+            model, dataset, name=name, checkpoint=str(checkpoints[name]), device=device,
+            batch_size=batch_size or config.batch_size, amp_dtype=amp_dtype,
+            count_threshold=config.count_threshold if count_threshold is None else count_threshold,
+            baseline_threshold=baseline_threshold, seg_threshold=seg_threshold,
+            connectivity=data_config.connectivity,
+            max_count=config.max_count if max_count is None else max_count, n_bins=n_bins,
+            num_workers=num_workers)
+    return {"models": models, "data": data_config.to_dict(), "split": split, "notes": notes,
+            "num_cases": len(dataset)}
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------------------------------
+
+TABLE1_COLUMNS = ("model", "method", "count_accuracy", "count_f1", "count_ece", "count_mce", "count_nll",
+                  "count_mae", "seg_f1", "seg_ece", "seg_mce")
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "n/a" if math.isnan(value) else f"{value:.4f}"
+    return str(value)
+
+
+def _write_csv(path: pathlib.Path, rows: list, columns) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(columns))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if isinstance(row[k], float) and math.isnan(row[k]) else row[k]) for k in columns})
+
+
+def _markdown_table(rows: list, columns) -> list[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(row[c]) for c in columns) + " |" for row in rows]
+    return lines
+
+
+def write_report(results: dict, out_dir, plots: bool = True) -> dict:
+    """Write the markdown report, the CSV tables and (with ``plots``) the PNG figures to ``out_dir``.
+
+    Returns a dict of the paths written (``report``, ``table1``, ``sweep``, ``discarded``,
+    ``per_case`` and ``figures``: a list).
+
+    Example:
+        >>> paths = write_report(evaluate_checkpoints({"m": "run/best.pt"}), "eval")   # doctest: +SKIP
+        >>> sorted(paths)                                                              # doctest: +SKIP
+        ['discarded', 'figures', 'per_case', 'report', 'sweep', 'table1']
+    """
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    models: dict[str, ModelEvaluation] = results["models"]
+    table1 = [row for ev in models.values() for row in ev.summary["rows"]]
+    sweep = [row for ev in models.values() for row in ev.summary["sweep"]]
+    discarded = [row for ev in models.values() for row in ev.summary["discarded"]]
+    paths = {"table1": out / "table1.csv", "sweep": out / "threshold_sweep.csv",
+             "discarded": out / "accuracy_vs_discarded.csv", "per_case": out / "per_case.csv",
+             "report": out / "report.md", "figures": []}
+    _write_csv(paths["table1"], table1, TABLE1_COLUMNS)
+    _write_csv(paths["sweep"], sweep, ("model", "threshold", "method", "accuracy", "f1"))
+    _write_csv(paths["discarded"], discarded, ("model", "fraction", "accuracy"))
+    any_ev = next(iter(models.values()))
+    M = any_ev.max_count
+    bins = [str(j) for j in range(M)] + [f"{M}+"]
+    per_case_columns = ["model", "case", "true_count", "most_likely", "expected_count", "entropy_nats",
+                        "num_candidates", f"cc_count_{any_ev.baseline_threshold:g}"] + [f"P({b})" for b in bins]
+    per_case = []
+    for ev in models.values():
+        for i, case in enumerate(ev.case_names):
+            row = {"model": ev.name, "case": case, "true_count": int(ev.counts[i]),
+                   "most_likely": int(ev.pmf[i].argmax()), "expected_count": float(ev.expected_count[i]),
+                   "entropy_nats": float(ev.entropy[i]), "num_candidates": int(ev.num_candidates[i]),
+                   per_case_columns[7]: int(ev.baseline_counts[i])}
+            row.update({f"P({b})": float(ev.pmf[i, j]) for j, b in enumerate(bins)})
+            per_case.append(row)
+    _write_csv(paths["per_case"], per_case, per_case_columns)
+
+    if plots:
+        paths["figures"] = _write_figures(models, out)
+
+    data = results.get("data", {})
+    lines = [
+        "# Lesion counting: model evaluation",
+        "",
+        f"{results.get('num_cases', len(any_ev.case_names))} {results.get('split', 'test')} cases "
+        f"(data: {data.get('data', '?')}, shape {data.get('shape', '?')}, seed {data.get('seed', '?')}, "
+        f"connectivity {any_ev.connectivity}); count bins {', '.join(bins)}.",
+        "",
+        "## Table 1: counting and segmentation",
+        "",
+        f"Count accuracy / class-averaged F1 of the most likely count; count ECE / MCE top-label over "
+        f"{any_ev.n_bins} confidence bins (the cc_count baseline as a one-hot distribution); "
+        f"segmentation: voxel-wise F1 at {any_ev.voxels.threshold:g} and voxel-wise ECE / MCE.",
+        "",
+        *_markdown_table(table1, TABLE1_COLUMNS),
+        "",
+        "## Table C.1: threshold sweep (count accuracy / F1)",
+        "",
+    ]
+    thresholds = any_ev.sweep_thresholds
+    sweep_rows = []
+    for ev in models.values():
+        for method in (THIS_METHOD, BASELINE):
+            cells = {f"{t:g}": next(f"{r['accuracy']:.3f} / {r['f1']:.3f}" for r in ev.summary["sweep"]
+                                     if r["method"] == method and r["threshold"] == t) for t in thresholds}
+            sweep_rows.append({"model": ev.name, "method": method, **cells})
+    lines += _markdown_table(sweep_rows, ["model", "method"] + [f"{t:g}" for t in thresholds])
+    lines += ["", "## Accuracy after discarding the most uncertain cases (highest entropy)", ""]
+    fractions = [r["fraction"] for r in any_ev.summary["discarded"]]
+    disc_rows = [{"model": ev.name, **{f"{f:g}": r["accuracy"] for f, r in zip(fractions, ev.summary["discarded"])}}
+                 for ev in models.values()]
+    lines += _markdown_table(disc_rows, ["model"] + [f"{f:g}" for f in fractions])
+    lines += ["", "## Models", ""]
+    lines += [f"- **{ev.name}**: `{ev.checkpoint}`" for ev in models.values()]
+    for note in results.get("notes", []):
+        lines.append(f"- note: {note}")
+    if paths["figures"]:
+        lines += ["", "## Figures", ""]
+        lines += [f"![{p.stem}]({p.name})" for p in paths["figures"]]
+    paths["report"].write_text("\n".join(lines) + "\n")
+    return paths
+
+
+def _write_figures(models: dict, out: pathlib.Path) -> list:
+    from .. import plot
+
+    figures = []
+    for ev in models.values():
+        fig = plot.plot_reliability_diagram(ev.pmf, ev.counts, max_count=ev.max_count, n_bins=ev.n_bins,
+                                            label=f"{ev.name}, {THIS_METHOD}")
+        figures.append(plot.save_figure(fig, out / f"reliability_{_safe(ev.name)}.png"))
+        i = int(torch.argmax(ev.counts))  # the case with the most lesions: the most interesting bar chart
+        fig = plot.plot_count_distribution(ev.pmf[i], true_count=int(ev.counts[i]),
+                                           title=f"{ev.name}: {ev.case_names[i]}")
+        figures.append(plot.save_figure(fig, out / f"count_distribution_{_safe(ev.name)}.png"))
+    first = next(iter(models.values()))
+    fractions = [r["fraction"] for r in first.summary["discarded"]]
+    fig = plot.plot_accuracy_vs_discarded(fractions, {ev.name: [r["accuracy"] for r in ev.summary["discarded"]]
+                                                      for ev in models.values()})
+    figures.append(plot.save_figure(fig, out / "accuracy_vs_discarded.png"))
+    series = {}
+    for ev in models.values():
+        for method in (THIS_METHOD, BASELINE):
+            series[f"{ev.name}: {method}"] = [r["accuracy"] for r in ev.summary["sweep"] if r["method"] == method]
+    fig = plot.plot_threshold_sweep(list(first.sweep_thresholds), series, "count accuracy")
+    figures.append(plot.save_figure(fig, out / "threshold_sweep.png"))
+    return [pathlib.Path(p) for p in figures]
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
