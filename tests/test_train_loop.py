@@ -22,7 +22,10 @@ from lesioncount.train.config import (ConfigError, TrainConfig, add_train_argume
                                       load_config_file)
 
 TINY = dict(data="phantom", num_train=4, num_val=2, num_test=2, shape=(16, 32, 32), base_filters=4, levels=3,
-            batch_size=2, epochs=2, pretrain_epochs=1, device="cpu", progress=False, seed=0)
+            batch_size=2, epochs=2, pretrain_epochs=1, device="cpu", progress=False, seed=0,
+            # PyTorch's default head init: an untrained net then has many candidates above 0.1, so the
+            # 2-epoch runs exercise the count term (with the 0.01 prior it would see almost none)
+            output_prior=None)
 
 
 @pytest.fixture(autouse=True)
@@ -182,7 +185,8 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     out = {}
     yaml_file = root / "tiny.yaml"
-    yaml_file.write_text("\n".join(f"{k}: {list(v) if isinstance(v, tuple) else v}" for k, v in TINY.items())
+    yaml_file.write_text("\n".join(f"{k}: {list(v) if isinstance(v, tuple) else 'null' if v is None else v}"
+                                   for k, v in TINY.items())
                          + "\nepochs: 9\n")  # --epochs 2 on the command line overrides the file
     out["straight"] = root / "straight"
     assert cli.main(["train", "--config", str(yaml_file), "-o", str(out["straight"]), "--epochs", "2",
@@ -381,3 +385,13 @@ def test_nnunet_folder_trains_with_its_channel_count(tmp_path):
     ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["in_channels"] == 2 and ckpt["model"]["encoders.0.0.weight"].shape[1] == 2
     assert math.isfinite(float(_read_metrics(out)[0]["count_loss"]))
+
+
+def test_output_prior_sets_the_head_bias_and_none_keeps_the_default_init(tmp_path):
+    trainer = loop.Trainer(TrainConfig(out_dir=str(tmp_path / "prior"), **{**TINY, "output_prior": 0.01}))
+    bias = trainer.model.head.bias.detach()
+    assert torch.allclose(torch.sigmoid(bias.double()), torch.full_like(bias.double(), 0.01), atol=1e-7)
+    trainer = loop.Trainer(TrainConfig(out_dir=str(tmp_path / "default"), **{**TINY, "output_prior": None}))
+    assert abs(float(trainer.model.head.bias)) < 1.0  # PyTorch's uniform init, bounded by 1/sqrt(fan_in)
+    with pytest.raises(ConfigError, match="output_prior"):
+        TrainConfig(**{**TINY, "output_prior": 1.5})

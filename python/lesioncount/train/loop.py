@@ -583,7 +583,11 @@ class Trainer:
 
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         self.model = UNet3D(in_channels=self.in_channels, out_channels=1, base_filters=config.base_filters,
-                            levels=config.levels, dropout=config.dropout).to(self.device)
+                            levels=config.levels, dropout=config.dropout)
+        if config.output_prior is not None:
+            with torch.no_grad():
+                self.model.head.bias.fill_(math.log(config.output_prior / (1.0 - config.output_prior)))
+        self.model = self.model.to(self.device)
         # dropout draws from the global stream: rank 0 continues it (a 1-process run is rank 0), other
         # ranks get their own
         if self.ctx.rank:
