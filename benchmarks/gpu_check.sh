@@ -10,7 +10,8 @@
 #   2. build + install with the CUDA kernels for sm_90 against the device's own torch
 #   3. CUDA tests (tests selected by -k cuda, not marked slow)
 #   4. compute-sanitizer memcheck and racecheck on a small label workload
-#   5. GPU benchmarks: benchmarks/bench_gpu_*.py (pytest-benchmark JSON)
+#   5. GPU benchmarks: benchmarks/bench_gpu_*.py (pytest-benchmark JSON), then the UNet training
+#      step with and without the count loss (benchmarks/bench_train.py --device cuda)
 #      then, if budget is left: slow CUDA tests (2^31-voxel item), synccheck, initcheck
 #   6. a short table, printed last
 # Later GPU work extends this same script. Exit status: 0 only if build, tests and sanitizers passed.
@@ -117,6 +118,10 @@ if (( BUILD_RC == 0 )); then
       --benchmark-json="$OUTDIR/$name.json" --benchmark-columns=median,iqr,rounds --benchmark-sort=name
   done
 
+  # training step with and without the count loss (issue 6 target: <= 5 % at 2 x 5 x 64x192x192)
+  run_step bench_train 120 "$BENCH_LOG" $PY benchmarks/bench_train.py --device cuda
+  grep -E '^\|' "$BENCH_LOG" | tail -n 3 > "$OUTDIR/train_overhead.txt" || true
+
   # ---- extras while budget is left ----
   run_step tests-slow 90 "$TEST_LOG" $PY -m pytest -q -p no:cacheprovider tests -k "cuda" -m "slow" \
     -o addopts="" -ra || { rc=$?; (( rc != 5 && rc != 99 )) && STATUS=1; }
@@ -156,6 +161,7 @@ for group, impl, med, info in rows:
     print(f"  {impl:28s} {med * 1e3:9.3f}ms {gv if gv is None else round(gv, 2)!s:>8s} "
           f"{fl if fl is None else round(fl, 1)!s:>8s} {comps if comps is not None else '':>8}")
 EOF
+[[ -s "$OUTDIR/train_overhead.txt" ]] && { echo; echo "training step (bench_train.py):"; cat "$OUTDIR/train_overhead.txt"; }
 echo
 echo "summary:"
 for line in "${SUMMARY[@]}"; do echo "  $line"; done
