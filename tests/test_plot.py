@@ -50,7 +50,7 @@ def test_reliability_diagram_title_is_the_torchmetrics_ece(tmp_path):
     onehot = F.one_hot(target.clamp_max(4).flip(0), 5).double()
     plot.plot_reliability_diagram(onehot, target, n_bins=10, ax=axes[1], label="baseline")
     ece, mce = metrics.count_calibration_errors(pmf, target, n_bins=10)
-    assert axes[0].get_title().startswith(f"ours: ECE = {float(ece):.4f}, MCE = {float(mce):.4f} (N = 50)")
+    assert axes[0].get_title().startswith(f"ours\nECE = {float(ece):.4f}, MCE = {float(mce):.4f} (N = 50)")
     ece_b, _ = metrics.count_calibration_errors(onehot, target, n_bins=10)
     assert f"ECE = {float(ece_b):.4f}" in axes[1].get_title()
     # one bar pair per non-empty bin, item counts written on the bars

@@ -190,7 +190,7 @@ def plot_reliability_diagram(pmf, target, max_count: int | None = None, n_bins: 
     ax.set_ylim(0, 1.15)
     ax.set_xlabel("confidence of the most likely count bin")
     ax.set_ylabel("accuracy")
-    name = f"{label}: " if label else ""
+    name = f"{label}\n" if label else ""  # the label on its own line: long names would clip the title
     ax.set_title(f"{name}ECE = {float(r['ece']):.4f}, MCE = {float(r['mce']):.4f} (N = {int(count.sum())})", fontsize=10)
     ax.legend(loc="upper left", fontsize=7)
     return fig
