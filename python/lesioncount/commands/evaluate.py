@@ -77,34 +77,24 @@ def _probability(text: str) -> float:
     return _float_list(text, 0.0, 1.0)[0]
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
-    return v
+def _bounded(cast, minimum, what: str):
+    """An argparse ``type`` parsing ``cast(text)`` and requiring a finite value >= ``minimum``."""
+
+    def parse(text: str):
+        try:
+            v = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (math.isfinite(v) and v >= minimum):
+            raise argparse.ArgumentTypeError(f"expected {what} >= {minimum}, got {text}")
+        return v
+
+    return parse
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(v) and v >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return v
+_positive_int = _bounded(int, 1, "an integer")
+_nonneg_int = _bounded(int, 0, "an integer")
+_nonneg_float = _bounded(float, 0, "a finite number")
 
 
 def register(subparsers) -> None:
