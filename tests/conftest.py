@@ -275,3 +275,14 @@ __all__ = [
     "scipy_label_batch",
     "math",
 ]
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test with ``torch.set_num_threads(1)`` (tiny ops on a shared 2-core machine: a second
+    OpenMP thread only adds waiting), restoring the previous count afterwards. Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -40,12 +40,7 @@ SHAPE = (24, 20, 16)
 STRUCT18 = ndimage.generate_binary_structure(3, 2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _maps(n, seed=0):
