@@ -252,3 +252,53 @@ def test_cli_errors_name_the_file(tmp_path, capsys):
     torch.save({"weights": torch.zeros(3)}, junk)
     assert cli.main(["evaluate-model", "--checkpoint", f"x={junk}", "-o", str(tmp_path / "o")]) == 2
     assert "junk.pt: not a lesioncount training checkpoint" in capsys.readouterr().err
+
+
+class HiddenLesions(Dataset):
+    """Masks with 1, 2, 5 lesions; in item 1 only one of the two lesions shows in the image and in
+    item 2 only three of five, so their true count (bin) exceeds the number of candidates."""
+
+    def __init__(self, shape=(8, 16, 16)):
+        self.items = []
+        for i, (lesions, visible) in enumerate(((1, 1), (2, 1), (5, 3))):
+            mask = np.zeros(shape, dtype=np.float32)
+            image = np.zeros(shape, dtype=np.float32)
+            for j in range(lesions):
+                h, w = 1 + 3 * j, 1 + 3 * (j % 2)
+                mask[2:4, h:h + 2, w:w + 2] = 1
+                if j < visible:
+                    image[2:4, h:h + 2, w:w + 2] = 0.7 + 0.05 * j
+            assert ndi.label(mask > 0, structure=STRUCT18)[1] == lesions
+            self.items.append({"image": torch.from_numpy(image)[None], "mask": torch.from_numpy(mask)[None],
+                               "count": torch.tensor(lesions), "name": f"case{i}"})
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def test_count_nll_infeasible_fraction_and_feasible_mean(tmp_path):
+    data = HiddenLesions()
+    ev = evaluation.evaluate_model(_detector(), data, name="hidden", batch_size=2, sweep_thresholds=(0.5,))
+    ours, base = ev.summary["rows"]
+    with torch.no_grad():
+        probs = torch.sigmoid(torch.cat([_detector()(data[i]["image"][None]) for i in range(3)]).double())
+    pmfs = [_reference_pmf(probs[i, 0].numpy(), 0.1) for i in range(3)]
+    candidates = [ndi.label(probs[i, 0].numpy() > 0.1, structure=STRUCT18)[1] for i in range(3)]
+    assert candidates == [1, 1, 3]  # case 1: 2 lesions > 1 candidate; case 2: bin 4+ > 3 candidates
+    assert ours["count_nll"] == math.inf  # honest: P(C = true count) = 0 for two cases
+    assert ours["count_infeasible"] == pytest.approx(2 / 3)
+    assert ours["count_nll_feasible"] == pytest.approx(-math.log(pmfs[0][1]), rel=1e-5)
+    assert math.isnan(base["count_infeasible"]) and math.isnan(base["count_nll_feasible"])
+
+    paths = evaluation.write_report({"models": {"hidden": ev}}, tmp_path, plots=False)
+    row = _table1(paths["table1"])[0]
+    assert float(row["count_nll"]) == math.inf
+    assert float(row["count_infeasible"]) == pytest.approx(2 / 3)
+    assert float(row["count_nll_feasible"]) == pytest.approx(-math.log(pmfs[0][1]), rel=1e-5)
+    header = next(line for line in paths["report"].read_text().splitlines() if "count_nll" in line and "|" in line)
+    cells = [c.strip() for c in header.strip("|").split("|")]
+    assert cells[cells.index("count_nll"):cells.index("count_nll") + 3] == [
+        "count_nll", "count_infeasible", "count_nll_feasible"]

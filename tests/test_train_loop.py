@@ -296,6 +296,25 @@ def test_existing_run_is_not_overwritten_and_resume_checks_settings(runs):
     assert result.last_epoch == 2 and (out / "last.pt").stat().st_mtime_ns == before
 
 
+@pytest.mark.filterwarnings("ignore:.*meta parameter")
+def test_resume_restores_rng_states_when_training_on_a_non_cpu_device(runs, monkeypatch):
+    """Resuming on a GPU: the RNG states in last.pt must reach torch.set_rng_state / numpy as CPU
+    tensors. Reading the checkpoint with map_location=<training device> moved them to the GPU, and
+    torch.set_rng_state then raised "RNG state must be a torch.ByteTensor". The meta device stands
+    in for CUDA here (it has the same effect: the tensors are not CPU ByteTensors)."""
+    reference_state = torch.get_rng_state()
+    try:
+        ctx = loop.DistContext(device=torch.device("meta"))
+        trainer = loop.Trainer(TrainConfig(out_dir=str(runs["straight"]), **{**TINY, "epochs": 3}), ctx,
+                               resume="last")
+        saved = torch.load(runs["straight"] / "last.pt", map_location="cpu", weights_only=True)
+        assert trainer.start_epoch == 2
+        assert torch.equal(torch.get_rng_state(), saved["rng"][0]["torch"])  # restored, on the CPU
+        assert np.array_equal(np.random.get_state()[1], saved["rng"][0]["numpy"][1].numpy().astype(np.uint32))
+    finally:
+        torch.set_rng_state(reference_state)
+
+
 def test_metrics_writer_warns_once_without_tensorboard(tmp_path, monkeypatch):
     from lesioncount import _extras
 

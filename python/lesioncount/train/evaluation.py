@@ -275,7 +275,9 @@ def summarize(ev: ModelEvaluation, fractions=DISCARD_FRACTIONS) -> dict:
     """Table rows of one :class:`ModelEvaluation` (uses :mod:`lesioncount.metrics`).
 
     Returns a dict with ``rows`` (Table 1: one row per method with count_accuracy, count_f1,
-    count_ece, count_mce, count_nll, count_mae, seg_f1, seg_ece, seg_mce), ``sweep`` (Table C.1:
+    count_ece, count_mce, count_nll (+inf when any case is infeasible), count_infeasible (fraction
+    of cases whose true count, tail bin M, exceeds the number of candidates: P(C = count) = 0),
+    count_nll_feasible (mean NLL over the other cases), count_mae, seg_f1, seg_ece, seg_mce), ``sweep`` (Table C.1:
     rows of threshold, method, accuracy, f1) and ``discarded`` (fraction, accuracy) of this method.
 
     Example:
@@ -296,10 +298,17 @@ def summarize(ev: ModelEvaluation, fractions=DISCARD_FRACTIONS) -> dict:
 
     ours = scores(ev.pmf, ev.pmf.argmax(1))
     target_bins = ev.counts.clamp_max(M)
-    ours["count_nll"] = float(-ev.log_pmf.gather(1, target_bins.view(-1, 1)).mean())
+    nll = -ev.log_pmf.gather(1, target_bins.view(-1, 1)).squeeze(1)
+    ours["count_nll"] = float(nll.mean())  # +inf as soon as one case is infeasible (kept honest)
+    # infeasible: more true lesions (tail bin: M) than candidates, so P(C = count) = 0 and the NLL is +inf
+    infeasible = target_bins > ev.num_candidates.to(target_bins.device)
+    ours["count_infeasible"] = float(infeasible.double().mean())
+    ours["count_nll_feasible"] = float(nll[~infeasible].mean()) if bool((~infeasible).any()) else float("nan")
     ours["count_mae"] = float((ev.expected_count - ev.counts.double()).abs().mean())
     baseline = scores(_one_hot_pmf(ev.baseline_counts, M), ev.baseline_counts)
     baseline["count_nll"] = float("nan")  # a hard count has no likelihood to speak of
+    baseline["count_infeasible"] = float("nan")
+    baseline["count_nll_feasible"] = float("nan")
     baseline["count_mae"] = float((ev.baseline_counts - ev.counts).abs().double().mean())
     rows = [
         {"model": ev.name, "method": f"{THIS_METHOD} (tau={ev.count_threshold:g})", **ours, **seg},
@@ -406,7 +415,7 @@ def evaluate_checkpoints(checkpoints: dict, *, data_overrides: dict | None = Non
 # ----------------------------------------------------------------------------------------------
 
 TABLE1_COLUMNS = ("model", "method", "count_accuracy", "count_f1", "count_ece", "count_mce", "count_nll",
-                  "count_mae", "seg_f1", "seg_ece", "seg_mce")
+                  "count_infeasible", "count_nll_feasible", "count_mae", "seg_f1", "seg_ece", "seg_mce")
 
 
 def _fmt(value) -> str:
@@ -483,6 +492,9 @@ def write_report(results: dict, out_dir, plots: bool = True) -> dict:
         "",
         f"Count accuracy / class-averaged F1 of the most likely count; count ECE / MCE top-label over "
         f"{any_ev.n_bins} confidence bins (the cc_count baseline as a one-hot distribution); "
+        f"count_nll: mean -log P(C = true count), infinite as soon as one case has more true lesions "
+        f"than candidates (P = 0); count_infeasible: the fraction of such cases; count_nll_feasible: the "
+        f"mean NLL over the other cases; "
         f"segmentation: voxel-wise F1 at {any_ev.voxels.threshold:g} and voxel-wise ECE / MCE.",
         "",
         *_markdown_table(table1, TABLE1_COLUMNS),

@@ -416,13 +416,14 @@ def _rng_state(device: torch.device) -> dict:
 
 
 def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
+    # .cpu(): RNG states must be CPU ByteTensors even when the checkpoint was mapped to a GPU
+    torch.set_rng_state(state["torch"].cpu())
     name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
     if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 class CheckpointError(ValueError):
@@ -622,7 +623,9 @@ class Trainer:
         self.best_epoch = 0
         self.history: list[dict] = []
         if self.resume_path is not None:
-            self.load_state_dict(load_checkpoint(self.resume_path, map_location=self.device),
+            # loaded on the CPU: the RNG states must be CPU ByteTensors (torch.set_rng_state and
+            # .numpy() refuse CUDA tensors); model / optimizer states are copied to the parameters' device
+            self.load_state_dict(load_checkpoint(self.resume_path, map_location="cpu"),
                                  source=str(self.resume_path))
 
     # ------------------------------------------------------------------------------------------
