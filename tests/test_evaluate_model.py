@@ -19,12 +19,7 @@ tm = pytest.importorskip("torchmetrics.functional.classification")
 STRUCT18 = ndi.generate_binary_structure(3, 2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class NoisyMasks(Dataset):

@@ -35,12 +35,7 @@ STRUCTURE_RANK = {6: 1, 18: 2, 26: 3}
 SMALL = (16, 32, 32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def scipy_count(mask: np.ndarray, connectivity: int) -> int:

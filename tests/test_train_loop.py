@@ -28,12 +28,7 @@ TINY = dict(data="phantom", num_train=4, num_val=2, num_test=2, shape=(16, 32, 3
             output_prior=None)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _parse(argv):

@@ -9,12 +9,7 @@ from torch import nn
 from lesioncount.train.model import UNet3D, unet3d_parameter_count
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _num_params(module: nn.Module) -> int:
