@@ -42,7 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .phantom import LesionSettings, connectivity_structure, count_lesions, generate_phantom, zscore_normalize
+from .phantom import (LesionSettings, _check_shape, connectivity_structure, count_lesions, generate_phantom,
+                      zscore_normalize)
 
 __all__ = [
     "PhantomDataset",
@@ -89,23 +90,13 @@ def _check_count(name: str, value: int) -> int:
     return int(value)
 
 
-def _check_spatial_shape(shape: Sequence[int], what: str = "shape") -> Tuple[int, int, int]:
-    try:
-        dims = tuple(int(s) for s in shape)
-    except TypeError:
-        raise ValueError(f"{what} must be 3 ints (D, H, W), got {shape!r}") from None
-    if len(dims) != 3 or min(dims) < 1:
-        raise ValueError(f"{what} must be 3 positive ints (D, H, W), got {shape!r}")
-    return dims  # type: ignore[return-value]
-
-
 class _CachedCaseDataset(Dataset):
     """Generated-case dataset with a bounded LRU cache of finished items."""
 
     def __init__(self, num_cases: int, shape: Sequence[int], seed: int, connectivity: int,
                  first_index: int, cache_bytes: Optional[int], transform: Optional[Callable]) -> None:
         self.num_cases = _check_count("num_cases", num_cases)
-        self.shape = _check_spatial_shape(shape)
+        self.shape = _check_shape(shape, minimum=1)
         self.seed = int(seed)
         connectivity_structure(connectivity)
         self.connectivity = int(connectivity)
@@ -242,7 +233,7 @@ def center_crop_or_pad(array: np.ndarray, shape: Sequence[int], pad_value: float
         >>> center_crop_or_pad(np.ones((1, 3, 5, 4)), (4, 4, 4)).shape
         (1, 4, 4, 4)
     """
-    target = _check_spatial_shape(shape)
+    target = _check_shape(shape, minimum=1)
     array = np.asarray(array)
     slices: List[slice] = [slice(None)] * (array.ndim - 3)
     pads: List[Tuple[int, int]] = [(0, 0)] * (array.ndim - 3)
@@ -322,7 +313,7 @@ class NnUNetRawDataset(Dataset):
         self.split = split
         connectivity_structure(connectivity)
         self.connectivity = int(connectivity)
-        self.shape = None if shape is None else _check_spatial_shape(shape)
+        self.shape = None if shape is None else _check_shape(shape, minimum=1)
         if self.shape is not None and any(s % size_multiple for s in self.shape):
             raise ValueError(f"NnUNetRawDataset: shape {self.shape} must be divisible by {size_multiple} "
                              f"(the UNet's 2**(levels-1))")

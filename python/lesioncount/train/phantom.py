@@ -567,13 +567,14 @@ class PhantomCase:
         return zscore_normalize(self.image, self.brain_mask)
 
 
-def _check_shape(shape: Sequence[int]) -> Tuple[int, int, int]:
+def _check_shape(shape: Sequence[int], minimum: int = 8, what: str = "shape") -> Tuple[int, int, int]:
+    """``shape`` as 3 ints (D, H, W), each >= ``minimum`` (phantoms need 8: the head fills the volume)."""
     try:
         dims = tuple(int(s) for s in shape)
     except TypeError:
-        raise ValueError(f"shape must be a sequence of 3 ints (D, H, W), got {shape!r}") from None
-    if len(dims) != 3 or min(dims) < 8:
-        raise ValueError(f"shape must be 3 ints (D, H, W), each >= 8, got {shape!r}")
+        raise ValueError(f"{what} must be a sequence of 3 ints (D, H, W), got {shape!r}") from None
+    if len(dims) != 3 or min(dims) < minimum:
+        raise ValueError(f"{what} must be 3 ints (D, H, W), each >= {minimum}, got {shape!r}")
     return dims  # type: ignore[return-value]
 
 
