@@ -36,6 +36,37 @@ void check_probs_arg(const at::Tensor& probs, int64_t max_count, const char* op)
 const char* kInvalidMessage =
     "poisson_binomial: `probs` must not be NaN and, without from_logits, must lie in [0, 1]";
 
+// Launch arguments shared by the forward and the backward, plus the tensors they point into
+// (scratch and the device-side validity flag, set to 1 on `stream` before the launch).
+struct PbLaunch {
+  cuda::PbArgs args{};
+  at::Tensor scratch;
+  at::Tensor ok;
+};
+
+PbLaunch prepare_launch(const at::Tensor& x, const at::Tensor& out, const double* grad, int64_t M, bool log_space,
+                        bool from_logits, bool backward, const char* op, cudaStream_t stream) {
+  PbLaunch launch;
+  const int64_t B = x.size(0), K = x.size(1);
+  const cuda::PbPlan plan = cuda::pb_plan(B, K, M, backward);
+  if (plan.scratch_doubles > 0) launch.scratch = at::empty({plan.scratch_doubles}, x.options().dtype(at::kDouble));
+  launch.ok = at::empty({}, x.options().dtype(at::kBool));
+  C10_CUDA_CHECK(cudaMemsetAsync(launch.ok.data_ptr(), 1, 1, stream));
+  cuda::PbArgs& a = launch.args;
+  a.probs = x.data_ptr();
+  a.kind = pb_kind(x.scalar_type(), op);
+  a.batch = B;
+  a.K = K;
+  a.M = M;
+  a.log_space = log_space;
+  a.from_logits = from_logits;
+  a.grad = grad;
+  a.out = out.data_ptr();
+  a.scratch = launch.scratch.defined() ? launch.scratch.data_ptr<double>() : nullptr;
+  a.ok = reinterpret_cast<unsigned char*>(launch.ok.data_ptr<bool>());
+  return launch;
+}
+
 at::Tensor poisson_binomial_cuda(const at::Tensor& probs, int64_t max_count, bool log_space, bool from_logits) {
   check_probs_arg(probs, max_count, "poisson_binomial");
   const c10::cuda::CUDAGuard guard(probs.device());
@@ -43,26 +74,10 @@ at::Tensor poisson_binomial_cuda(const at::Tensor& probs, int64_t max_count, boo
   const at::Tensor x = probs.contiguous();
   at::Tensor out = at::empty({B, M + 1}, x.options());
   if (B == 0) return out;
-  const cuda::PbPlan plan = cuda::pb_plan(B, K, M, false);
-  at::Tensor scratch;
-  if (plan.scratch_doubles > 0) scratch = at::empty({plan.scratch_doubles}, x.options().dtype(at::kDouble));
-  at::Tensor ok = at::empty({}, x.options().dtype(at::kBool));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
-  C10_CUDA_CHECK(cudaMemsetAsync(ok.data_ptr(), 1, 1, stream));
-  cuda::PbArgs a{};
-  a.probs = x.data_ptr();
-  a.kind = pb_kind(x.scalar_type(), "poisson_binomial");
-  a.batch = B;
-  a.K = K;
-  a.M = M;
-  a.log_space = log_space;
-  a.from_logits = from_logits;
-  a.grad = nullptr;
-  a.out = out.data_ptr();
-  a.scratch = scratch.defined() ? scratch.data_ptr<double>() : nullptr;
-  a.ok = reinterpret_cast<unsigned char*>(ok.data_ptr<bool>());
-  C10_CUDA_CHECK(static_cast<cudaError_t>(cuda::launch_poisson_binomial_forward(a, stream)));
-  if (K > 0) at::_assert_async(ok, kInvalidMessage);
+  PbLaunch launch = prepare_launch(x, out, nullptr, M, log_space, from_logits, false, "poisson_binomial", stream);
+  C10_CUDA_CHECK(static_cast<cudaError_t>(cuda::launch_poisson_binomial_forward(launch.args, stream)));
+  if (K > 0) at::_assert_async(launch.ok, kInvalidMessage);
   return out;
 }
 
@@ -80,26 +95,11 @@ at::Tensor poisson_binomial_backward_cuda(const at::Tensor& grad, const at::Tens
   const at::Tensor g64 = grad.to(at::kDouble).contiguous();
   at::Tensor out = at::empty({B, K}, x.options());
   if (B == 0 || K == 0) return out;
-  const cuda::PbPlan plan = cuda::pb_plan(B, K, M, true);
-  at::Tensor scratch;
-  if (plan.scratch_doubles > 0) scratch = at::empty({plan.scratch_doubles}, x.options().dtype(at::kDouble));
-  at::Tensor ok = at::empty({}, x.options().dtype(at::kBool));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
-  C10_CUDA_CHECK(cudaMemsetAsync(ok.data_ptr(), 1, 1, stream));
-  cuda::PbArgs a{};
-  a.probs = x.data_ptr();
-  a.kind = pb_kind(x.scalar_type(), "_poisson_binomial_backward");
-  a.batch = B;
-  a.K = K;
-  a.M = M;
-  a.log_space = log_space;
-  a.from_logits = from_logits;
-  a.grad = g64.data_ptr<double>();
-  a.out = out.data_ptr();
-  a.scratch = scratch.defined() ? scratch.data_ptr<double>() : nullptr;
-  a.ok = reinterpret_cast<unsigned char*>(ok.data_ptr<bool>());
-  C10_CUDA_CHECK(static_cast<cudaError_t>(cuda::launch_poisson_binomial_backward(a, stream)));
-  at::_assert_async(ok, kInvalidMessage);
+  PbLaunch launch = prepare_launch(x, out, g64.data_ptr<double>(), M, log_space, from_logits, true,
+                                   "_poisson_binomial_backward", stream);
+  C10_CUDA_CHECK(static_cast<cudaError_t>(cuda::launch_poisson_binomial_backward(launch.args, stream)));
+  at::_assert_async(launch.ok, kInvalidMessage);
   return out;
 }
 
