@@ -37,6 +37,7 @@ from typing import Union
 import numpy as np
 
 from ._extras import require
+from ._gunzip import GZIP_BACKENDS, gunzip, gzip_backend, set_gzip_backend
 
 __all__ = [
     "CaseReadError",
@@ -47,6 +48,11 @@ __all__ = [
     "read_probability_map",
     "read_mask",
     "write_label_map",
+    "c_contiguous",
+    "GZIP_BACKENDS",
+    "gunzip",
+    "gzip_backend",
+    "set_gzip_backend",
 ]
 
 PathLike = Union[str, pathlib.Path]
@@ -191,17 +197,17 @@ def _check_affine(path: pathlib.Path, affine) -> np.ndarray:
 
 
 def _load_gzipped_nifti(nib, path: pathlib.Path):
-    """A .nii.gz image decompressed in one call, or None when it is not a plain NIfTI-1/2 stream.
+    """(image, decompressed bytes) of a .nii.gz file, or None when it is not a plain NIfTI-1/2 stream.
 
-    ``gzip.decompress`` inflates the whole file in one C call that releases the GIL, so reader
-    threads (``lesioncount count --workers``) decompress in parallel; nibabel's streaming reader
-    inflates in 8 KiB steps and takes the GIL back after each. Corrupt or truncated data raises.
+    The file is read whole and inflated by :func:`gunzip` (ISA-L / zlib-ng / zlib, whichever is
+    installed; one GIL-free call per gzip member), so reader threads (``lesioncount count
+    --workers``) decompress in parallel; nibabel's streaming reader inflates with zlib in 8 KiB
+    steps and takes the GIL back after each. Only the header is parsed by nibabel (from the
+    decompressed bytes); corrupt or truncated data raises.
     """
-    import gzip
-
     with open(path, "rb") as f:
         raw = f.read()
-    data = gzip.decompress(raw)
+    data = gunzip(raw)
     del raw
     if len(data) < 4:
         return None
@@ -210,27 +216,91 @@ def _load_gzipped_nifti(nib, path: pathlib.Path):
     if image_class is None:
         return None  # not NIfTI (or a .hdr/.img pair): let nib.load say what it is
     try:
-        return image_class.from_bytes(data)
+        return image_class.from_bytes(data), data
     except Exception:  # noqa: BLE001 - e.g. a bad header: nib.load gives the error message
         return None
 
 
-def _load_nifti(path: pathlib.Path):
-    """(array as stored, affine) of a NIfTI file; every read failure becomes a CaseReadError."""
+def _unscaled_view(img, data: bytes) -> np.ndarray | None:
+    """The image array as a read-only view on the decompressed ``data``, when nibabel would return
+    the stored values unchanged (scale factors 1 and 0, or none); None otherwise.
+
+    This is what ``np.asanyarray(img.dataobj)`` returns in that case (same dtype, byte order,
+    shape and F/C order, taken from nibabel's own ArrayProxy), without copying the bytes out of
+    an in-memory stream first.
+    """
+    from nibabel.arrayproxy import ArrayProxy
+
+    proxy = img.dataobj
+    if type(proxy) is not ArrayProxy or proxy.order not in ("F", "C"):
+        return None
+    if not (float(proxy.slope) == 1.0 and float(proxy.inter) == 0.0):
+        return None
+    count = int(np.prod(proxy.shape, dtype=np.int64))
+    dtype = np.dtype(proxy.dtype)
+    if proxy.offset < 0 or len(data) < proxy.offset + count * dtype.itemsize:
+        return None  # short data: nibabel reports it
+    return np.frombuffer(data, dtype=dtype, count=count, offset=proxy.offset).reshape(proxy.shape, order=proxy.order)
+
+
+def _load_nifti(path: pathlib.Path, *, view_ok: bool = False):
+    """(array as stored, affine) of a NIfTI file; every read failure becomes a CaseReadError.
+
+    ``view_ok``: the array of a ``.nii.gz`` may be a read-only view on the decompressed bytes
+    (the caller copies it anyway); otherwise it is writeable, as nibabel returns it.
+    """
     nib = _nibabel()
     try:
-        img = _load_gzipped_nifti(nib, path) if path.name.lower().endswith(".gz") else None
+        loaded = _load_gzipped_nifti(nib, path) if path.name.lower().endswith(".gz") else None
     except Exception as exc:  # truncated gzip -> EOFError, corrupt -> zlib.error / BadGzipFile ...
         raise CaseReadError(path, f"cannot decompress, file truncated or corrupt ({type(exc).__name__}: {exc})") from exc
+    img, data = loaded if loaded is not None else (None, None)
     try:
         img = img if img is not None else nib.load(str(path))
     except Exception as exc:  # nibabel raises many types for corrupt files
         raise CaseReadError(path, f"cannot read NIfTI header ({type(exc).__name__}: {exc})") from exc
     try:
-        data = np.asanyarray(img.dataobj)
+        array = _unscaled_view(img, data) if view_ok and data is not None else None
+        if array is None:
+            array = np.asanyarray(img.dataobj)
     except Exception as exc:  # truncated gzip -> EOFError, corrupt -> zlib.error / OSError ...
         raise CaseReadError(path, f"cannot read image data, file truncated or corrupt ({type(exc).__name__}: {exc})") from exc
-    return data, _check_affine(path, img.affine)
+    return array, _check_affine(path, img.affine)
+
+
+# z-slab width of the F -> C copy: 16 float32 are one 64-byte cache line of the output
+_SLAB = 16
+
+
+def c_contiguous(data: np.ndarray) -> np.ndarray:
+    """``np.ascontiguousarray(data)``, about 3x faster for F-ordered 3-D volumes.
+
+    A NIfTI volume (X, Y, Z) is stored F-ordered (x fastest), and an nnU-Net ``(z, y, x)`` array
+    transposed to ``(x, y, z)`` is F-ordered too; the counting needs C order (labels numbered in
+    raster order of the (X, Y, Z) grid). NumPy's one-pass copy writes the output with a stride of
+    Z elements and misses the cache on almost every element; copying slabs of 16 z-planes keeps
+    each output cache line in cache while it is filled. The result is the same array (values,
+    dtype, shape), C-contiguous and writeable (a new array unless ``data`` already was C-contiguous).
+
+    Args:
+        data: any array; only F-contiguous 3-D arrays take the slab path.
+
+    Returns:
+        C-contiguous array equal to ``data``.
+
+    Example:
+        >>> a = np.asfortranarray(np.arange(24, dtype=np.float32).reshape(2, 3, 4))
+        >>> c = c_contiguous(a)
+        >>> c.flags.c_contiguous, bool(np.array_equal(c, a))
+        (True, True)
+    """
+    data = np.asarray(data)
+    if data.flags.c_contiguous or data.ndim != 3 or not data.flags.f_contiguous or data.shape[2] <= _SLAB:
+        return np.ascontiguousarray(data)
+    out = np.empty(data.shape, dtype=data.dtype)
+    for k in range(0, data.shape[2], _SLAB):
+        out[:, :, k:k + _SLAB] = data[:, :, k:k + _SLAB]
+    return out
 
 
 def _as_float(data: np.ndarray) -> np.ndarray:
@@ -287,7 +357,7 @@ def _read_npz_channel(path: pathlib.Path, channel: int) -> np.ndarray:
         chosen = _as_float(probs[channel])
     except TypeError as exc:
         raise CaseReadError(path, str(exc)) from None
-    return np.ascontiguousarray(chosen.transpose(2, 1, 0))
+    return c_contiguous(chosen.transpose(2, 1, 0))
 
 
 def _geometry_for_npz(path: pathlib.Path, shape: tuple[int, ...], missing_geometry: str) -> np.ndarray:
@@ -369,12 +439,12 @@ def read_probability_map(path: PathLike, channel: int = 1, *, missing_geometry: 
             raise CaseReadError(path, f"expected a 3-D array (i, j, k), got {data.ndim}-D shape {data.shape}")
         affine = np.eye(4)
     else:
-        data, affine = _load_nifti(path)
+        data, affine = _load_nifti(path, view_ok=True)
         data = _select_nifti_channel(path, data, int(channel))
     try:
         # C order, so that label ids follow SciPy raster order on the (X, Y, Z) grid and the copy
         # happens here (in the reader threads of `lesioncount count --workers`), not in counting.
-        data = np.ascontiguousarray(_as_float(np.asarray(data)))
+        data = c_contiguous(_as_float(np.asarray(data)))
     except TypeError as exc:
         raise CaseReadError(path, str(exc)) from None
     if not data.flags.writeable:  # a view on the decompressed bytes (already C ordered)
