@@ -5,7 +5,14 @@
 // are attached from Python (python/lesioncount/_ops.py).
 #include <torch/library.h>
 
-TORCH_LIBRARY(lesioncount, m) {
+// The CUDA-on-CPU test build (tests/cuda_cpu) defines the same schemas again under its own
+// namespace, lesioncount_cuda_cpu, for the CUDA launchers it compiles for CPU tensors.
+#ifndef LC_OPS_NAMESPACE
+#define LC_OPS_NAMESPACE lesioncount
+#endif
+#define LC_TORCH_LIBRARY_EXPANDED(ns, m) TORCH_LIBRARY(ns, m)
+
+LC_TORCH_LIBRARY_EXPANDED(LC_OPS_NAMESPACE, m) {
   // Connected components of `input > threshold` per batch item, numbered like scipy.ndimage.label.
   // check_probabilities: also reject values outside [0, 1] in the same pass (CPU; the CUDA kernel
   // ignores it and count_distribution asserts on the device instead).

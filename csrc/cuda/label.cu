@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "common/block_union_find.h"
+#include "cuda/kernel_launch.h"
 #include "cuda/label_launch.h"
 
 namespace lesioncount {
@@ -214,6 +215,10 @@ inline dim3 phase_grid(int64_t nblocks, int64_t batch) {
   return dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), 1);
 }
 
+// The bitmap scan runs one CTA per tile of kTileWords words (ntiles >= 1: batch and items are
+// non-empty); gridDim.x allows 2^31 - 1 tiles, i.e. 2^48 voxels per batch.
+inline dim3 scan_grid(int64_t ntiles) { return dim3(static_cast<unsigned>(ntiles)); }
+
 template <int Conn, typename index_t>
 cudaError_t launch_typed(const LabelShape& s, const void* input, LabelInputType type, double threshold,
                          void* labels, int64_t* num, char* ws, cudaStream_t stream) {
@@ -238,46 +243,46 @@ cudaError_t launch_typed(const LabelShape& s, const void* input, LabelInputType 
   switch (type) {
     case kLabelInputBool:
     case kLabelInputUInt8:
-      init_kernel<Conn, index_t><<<grid, kThreads, 0, stream>>>(
-          p, FloatForeground<uint8_t>{static_cast<const uint8_t*>(input), fbound});
+      err = launch_kernel(init_kernel<Conn, index_t, FloatForeground<uint8_t>>, grid, kThreads, 0, stream, p,
+                          FloatForeground<uint8_t>{static_cast<const uint8_t*>(input), fbound});
       break;
     case kLabelInputHalf:
-      init_kernel<Conn, index_t><<<grid, kThreads, 0, stream>>>(
-          p, FloatForeground<__half>{static_cast<const __half*>(input), fbound});
+      err = launch_kernel(init_kernel<Conn, index_t, FloatForeground<__half>>, grid, kThreads, 0, stream, p,
+                          FloatForeground<__half>{static_cast<const __half*>(input), fbound});
       break;
     case kLabelInputBFloat16:
-      init_kernel<Conn, index_t><<<grid, kThreads, 0, stream>>>(
-          p, FloatForeground<__nv_bfloat16>{static_cast<const __nv_bfloat16*>(input), fbound});
+      err = launch_kernel(init_kernel<Conn, index_t, FloatForeground<__nv_bfloat16>>, grid, kThreads, 0, stream, p,
+                          FloatForeground<__nv_bfloat16>{static_cast<const __nv_bfloat16*>(input), fbound});
       break;
     case kLabelInputFloat:
-      init_kernel<Conn, index_t><<<grid, kThreads, 0, stream>>>(
-          p, FloatForeground<float>{static_cast<const float*>(input), fbound});
+      err = launch_kernel(init_kernel<Conn, index_t, FloatForeground<float>>, grid, kThreads, 0, stream, p,
+                          FloatForeground<float>{static_cast<const float*>(input), fbound});
       break;
     case kLabelInputDouble:
-      init_kernel<Conn, index_t><<<grid, kThreads, 0, stream>>>(
-          p, DoubleForeground{static_cast<const double*>(input), threshold});
+      err = launch_kernel(init_kernel<Conn, index_t, DoubleForeground>, grid, kThreads, 0, stream, p,
+                          DoubleForeground{static_cast<const double*>(input), threshold});
       break;
     default:
       return cudaErrorInvalidValue;
   }
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  phase_kernel<Conn, kMerge, index_t><<<grid, kThreads, 0, stream>>>(p);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  phase_kernel<Conn, kCompress, index_t><<<grid, kThreads, 0, stream>>>(p);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  if (err != cudaSuccess) return err;
+  if ((err = launch_kernel(phase_kernel<Conn, kMerge, index_t>, grid, kThreads, 0, stream, p)) != cudaSuccess) return err;
+  if ((err = launch_kernel(phase_kernel<Conn, kCompress, index_t>, grid, kThreads, 0, stream, p)) != cudaSuccess)
+    return err;
   if (s.min_size > 1) {
-    phase_kernel<Conn, kFlag, index_t><<<grid, kThreads, 0, stream>>>(p);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    if ((err = launch_kernel(phase_kernel<Conn, kFlag, index_t>, grid, kThreads, 0, stream, p)) != cudaSuccess) return err;
   }
-  const unsigned ntiles = static_cast<unsigned>(l.ntiles);
-  tile_sum_kernel<<<ntiles, kScanThreads, 0, stream>>>(p.roots, total_words, tile_sums);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  tile_scan_kernel<<<1, kTileScanThreads, 0, stream>>>(tile_sums, l.ntiles, p.offsets, total_words);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  word_offsets_kernel<<<ntiles, kScanThreads, 0, stream>>>(p.roots, total_words, tile_sums, p.offsets);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  phase_kernel<Conn, kFinal, index_t><<<grid, kThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  const dim3 tiles = scan_grid(l.ntiles);
+  if ((err = launch_kernel(tile_sum_kernel, tiles, kScanThreads, 0, stream, p.roots, total_words, tile_sums)) !=
+      cudaSuccess)
+    return err;
+  if ((err = launch_kernel(tile_scan_kernel, 1, kTileScanThreads, 0, stream, tile_sums, l.ntiles, p.offsets,
+                           total_words)) != cudaSuccess)
+    return err;
+  if ((err = launch_kernel(word_offsets_kernel, tiles, kScanThreads, 0, stream, p.roots, total_words,
+                           static_cast<const int64_t*>(tile_sums), p.offsets)) != cudaSuccess)
+    return err;
+  return launch_kernel(phase_kernel<Conn, kFinal, index_t>, grid, kThreads, 0, stream, p);
 }
 
 template <int Conn>

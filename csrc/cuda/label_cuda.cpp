@@ -14,6 +14,7 @@
 #include <tuple>
 
 #include "common/connectivity.h"
+#include "cuda/device_tensor.h"
 #include "cuda/label_launch.h"
 
 namespace lesioncount {
@@ -44,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor> label_cuda(const at::Tensor& input, double th
       TORCH_CHECK(false, "label: `input` dtype must be bool, uint8, float16, bfloat16, float32 or float64, got ",
                   dtype);
   }
-  TORCH_CHECK(input.device().is_cuda(), "label: expected a CUDA tensor for `input`");
+  TORCH_CHECK(on_kernel_device(input), "label: expected a CUDA tensor for `input`");
 
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = input.contiguous();
@@ -72,6 +73,6 @@ std::tuple<at::Tensor, at::Tensor> label_cuda(const at::Tensor& input, double th
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lesioncount, CUDA, m) { m.impl("label", &label_cuda); }
+LC_CUDA_LIBRARY_IMPL(m) { m.impl("label", &label_cuda); }
 
 }  // namespace lesioncount

@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "common/poisson_binomial_dp.h"
+#include "cuda/kernel_launch.h"
 #include "cuda/poisson_binomial_launch.h"
 
 namespace lesioncount {
@@ -391,7 +392,7 @@ __global__ void __launch_bounds__(kPbBlockThreads)
     pb_block_forward(const T* __restrict__ x, long long B, long long K, long long M, bool from_logits,
                      bool smem_state, long long per_block, double* __restrict__ scratch, T* __restrict__ out,
                      unsigned char* ok) {
-  extern __shared__ double smem[];
+  LC_DYNAMIC_SHARED_MEMORY(double, smem);
   const long long W = M + 1;
   double* my = scratch + blockIdx.x * per_block;
   double *fa = my, *fb = my + K, *fl = my + 2 * K;
@@ -425,7 +426,7 @@ __global__ void __launch_bounds__(kPbBlockThreads)
     pb_block_backward(const T* __restrict__ x, const double* __restrict__ grad, long long B, long long K,
                       long long M, bool from_logits, long long S, long long nckpt, bool smem_state,
                       long long per_block, double* __restrict__ scratch, T* __restrict__ gx, unsigned char* ok) {
-  extern __shared__ double smem[];
+  LC_DYNAMIC_SHARED_MEMORY(double, smem);
   const long long W = M + 1;
   const int nw = kPbBlockThreads / 32;
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
@@ -547,16 +548,23 @@ int launch_forward_typed(const PbArgs& a, cudaStream_t stream) {
   if (p.split) {
     const unsigned grid = static_cast<unsigned>(p.blocks);
     switch (p.bins) {
-      case 2: pb_split_forward<T, 2, LOG><<<grid, p.threads, 0, stream>>>(x, a.batch, a.K, M, a.from_logits, out, a.ok); break;
-      case 4: pb_split_forward<T, 4, LOG><<<grid, p.threads, 0, stream>>>(x, a.batch, a.K, M, a.from_logits, out, a.ok); break;
-      case 8: pb_split_forward<T, 8, LOG><<<grid, p.threads, 0, stream>>>(x, a.batch, a.K, M, a.from_logits, out, a.ok); break;
-      default: pb_split_forward<T, 16, LOG><<<grid, p.threads, 0, stream>>>(x, a.batch, a.K, M, a.from_logits, out, a.ok); break;
+      case 2:
+        return launch_kernel(pb_split_forward<T, 2, LOG>, grid, p.threads, 0, stream, x, a.batch, a.K, M,
+                             a.from_logits, out, a.ok);
+      case 4:
+        return launch_kernel(pb_split_forward<T, 4, LOG>, grid, p.threads, 0, stream, x, a.batch, a.K, M,
+                             a.from_logits, out, a.ok);
+      case 8:
+        return launch_kernel(pb_split_forward<T, 8, LOG>, grid, p.threads, 0, stream, x, a.batch, a.K, M,
+                             a.from_logits, out, a.ok);
+      default:
+        return launch_kernel(pb_split_forward<T, 16, LOG>, grid, p.threads, 0, stream, x, a.batch, a.K, M,
+                             a.from_logits, out, a.ok);
     }
-  } else {
-    pb_block_forward<T, LOG><<<static_cast<unsigned>(p.blocks), p.threads, static_cast<size_t>(p.smem_bytes), stream>>>(
-        x, a.batch, a.K, a.M, a.from_logits, p.smem_state, p.scratch_per_unit, a.scratch, out, a.ok);
   }
-  return cudaGetLastError();
+  return launch_kernel(pb_block_forward<T, LOG>, static_cast<unsigned>(p.blocks), p.threads,
+                       static_cast<size_t>(p.smem_bytes), stream, x, a.batch, a.K, a.M, a.from_logits, p.smem_state,
+                       p.scratch_per_unit, a.scratch, out, a.ok);
 }
 
 template <typename T, bool LOG>
@@ -567,22 +575,20 @@ int launch_backward_typed(const PbArgs& a, cudaStream_t stream) {
   const int M = static_cast<int>(a.M);
   if (p.split) {
     const unsigned grid = static_cast<unsigned>(p.blocks);
-#define LC_SPLIT_BWD(NB)                                                                                     \
-  pb_split_backward<T, NB, LOG><<<grid, p.threads, 0, stream>>>(x, a.grad, a.batch, a.K, M, a.from_logits, \
-                                                                p.seg_len, p.num_ckpt, a.scratch, out, a.ok)
+#define LC_SPLIT_BWD(NB)                                                                                 \
+  launch_kernel(pb_split_backward<T, NB, LOG>, grid, p.threads, 0, stream, x, a.grad, a.batch, a.K, M, \
+                a.from_logits, p.seg_len, p.num_ckpt, a.scratch, out, a.ok)
     switch (p.bins) {
-      case 2: LC_SPLIT_BWD(2); break;
-      case 4: LC_SPLIT_BWD(4); break;
-      case 8: LC_SPLIT_BWD(8); break;
-      default: LC_SPLIT_BWD(16); break;
+      case 2: return LC_SPLIT_BWD(2);
+      case 4: return LC_SPLIT_BWD(4);
+      case 8: return LC_SPLIT_BWD(8);
+      default: return LC_SPLIT_BWD(16);
     }
 #undef LC_SPLIT_BWD
-  } else {
-    pb_block_backward<T, LOG><<<static_cast<unsigned>(p.blocks), p.threads, static_cast<size_t>(p.smem_bytes), stream>>>(
-        x, a.grad, a.batch, a.K, a.M, a.from_logits, p.seg_len, p.num_ckpt, p.smem_state, p.scratch_per_unit,
-        a.scratch, out, a.ok);
   }
-  return cudaGetLastError();
+  return launch_kernel(pb_block_backward<T, LOG>, static_cast<unsigned>(p.blocks), p.threads,
+                       static_cast<size_t>(p.smem_bytes), stream, x, a.grad, a.batch, a.K, a.M, a.from_logits,
+                       p.seg_len, p.num_ckpt, p.smem_state, p.scratch_per_unit, a.scratch, out, a.ok);
 }
 
 template <bool BACKWARD, typename T>

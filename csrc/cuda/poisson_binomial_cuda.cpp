@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include "common/op_arguments.h"
+#include "cuda/device_tensor.h"
 #include "cuda/poisson_binomial_launch.h"
 
 namespace lesioncount {
@@ -30,7 +31,7 @@ cuda::PbValueKind pb_kind(at::ScalarType t, const char* op) {
 
 void check_probs_arg(const at::Tensor& probs, int64_t max_count, const char* op) {
   check_poisson_binomial_arguments(probs, max_count, op);
-  TORCH_CHECK(probs.is_cuda(), op, ": expected a CUDA tensor for `probs`, got ", probs.device());
+  TORCH_CHECK(on_kernel_device(probs), op, ": expected a CUDA tensor for `probs`, got ", probs.device());
 }
 
 const char* kInvalidMessage =
@@ -105,7 +106,7 @@ at::Tensor poisson_binomial_backward_cuda(const at::Tensor& grad, const at::Tens
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lesioncount, CUDA, m) {
+LC_CUDA_LIBRARY_IMPL(m) {
   m.impl("poisson_binomial", &poisson_binomial_cuda);
   m.impl("_poisson_binomial_backward", &poisson_binomial_backward_cuda);
 }

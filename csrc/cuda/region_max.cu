@@ -25,6 +25,7 @@
 
 #include <cstdint>
 
+#include "cuda/kernel_launch.h"
 #include "cuda/region_max_launch.h"
 
 namespace lesioncount {
@@ -203,24 +204,24 @@ int launch_typed(const RegionMaxArgs& a, cudaStream_t stream) {
   if (g.blocks_x > 0) {
     const dim3 grid(static_cast<unsigned>(g.blocks_x), static_cast<unsigned>(g.blocks_y));
     if (!two_pass) {
-      region_max_scan<T, L, kPacked><<<grid, kRegionMaxThreads, 0, stream>>>(
-          x, lab, a.batch, a.item_voxels, a.num_regions, keys, a.scratch, a.ok);
+      err = launch_kernel(region_max_scan<T, L, kPacked>, grid, kRegionMaxThreads, 0, stream, x, lab, a.batch,
+                          a.item_voxels, a.num_regions, keys, a.scratch, a.ok);
     } else {
-      region_max_scan<T, L, kMaxValue><<<grid, kRegionMaxThreads, 0, stream>>>(
-          x, lab, a.batch, a.item_voxels, a.num_regions, keys, a.scratch, a.ok);
-      region_max_scan<T, L, kFirstIndex><<<grid, kRegionMaxThreads, 0, stream>>>(
-          x, lab, a.batch, a.item_voxels, a.num_regions, keys, a.scratch, a.ok);
+      err = launch_kernel(region_max_scan<T, L, kMaxValue>, grid, kRegionMaxThreads, 0, stream, x, lab, a.batch,
+                          a.item_voxels, a.num_regions, keys, a.scratch, a.ok);
+      if (err != cudaSuccess) return err;
+      err = launch_kernel(region_max_scan<T, L, kFirstIndex>, grid, kRegionMaxThreads, 0, stream, x, lab, a.batch,
+                          a.item_voxels, a.num_regions, keys, a.scratch, a.ok);
     }
-    err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   if (total > 0) {
     const int threads = 256;
     long long blocks = (total + threads - 1) / threads;
     if (blocks > 65535LL * 8) blocks = 65535LL * 8;
-    region_max_finalize<T><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-        x, a.batch, a.item_voxels, a.num_regions, two_pass, a.argmax, a.scratch, static_cast<T*>(a.values));
-    err = cudaGetLastError();
+    err = launch_kernel(region_max_finalize<T>, static_cast<unsigned>(blocks), threads, 0, stream, x, a.batch,
+                        a.item_voxels, a.num_regions, two_pass, a.argmax,
+                        static_cast<const unsigned long long*>(a.scratch), static_cast<T*>(a.values));
   }
   return err;
 }

@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include "common/op_arguments.h"
+#include "cuda/device_tensor.h"
 #include "cuda/region_max_launch.h"
 
 namespace lesioncount {
@@ -30,7 +31,7 @@ cuda::ValueKind value_kind(at::ScalarType t) {
 std::tuple<at::Tensor, at::Tensor> region_max_cuda(const at::Tensor& input, const at::Tensor& labels,
                                                   int64_t num_regions) {
   check_region_max_arguments(input, labels, num_regions);
-  TORCH_CHECK(input.is_cuda() && labels.is_cuda() && input.device() == labels.device(),
+  TORCH_CHECK(on_kernel_device(input) && on_kernel_device(labels) && input.device() == labels.device(),
               "region_max: `input` and `labels` must be on the same CUDA device, got `input` on ",
               input.device(), " and `labels` on ", labels.device());
   const c10::cuda::CUDAGuard guard(input.device());
@@ -73,6 +74,6 @@ std::tuple<at::Tensor, at::Tensor> region_max_cuda(const at::Tensor& input, cons
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lesioncount, CUDA, m) { m.impl("region_max", &region_max_cuda); }
+LC_CUDA_LIBRARY_IMPL(m) { m.impl("region_max", &region_max_cuda); }
 
 }  // namespace lesioncount

@@ -1,0 +1,6 @@
+// CUDA-on-CPU test build: csrc/cuda/region_max.cu compiled as C++ against this directory's runtime
+// (include/cuda_runtime.h). __CUDACC__ / __CUDA_ARCH__ select the device branches of the shared
+// headers, so the code that runs is the code nvcc compiles for the GPU.
+#define __CUDACC__ 1
+#define __CUDA_ARCH__ 900
+#include "cuda/region_max.cu"
