@@ -286,3 +286,7 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# CUDA tests run on a real GPU and on the CUDA-on-CPU test runtime (tests/kernel_devices.py).
+from kernel_devices import cuda_on_cpu, kernel_device  # noqa: E402,F401

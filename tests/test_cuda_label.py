@@ -1,5 +1,10 @@
 """CUDA `label`: bit-for-bit parity with the CPU kernel (and so with scipy.ndimage.label), opcheck,
-no host synchronisation, CUDA-graph capture. Skipped without a CUDA device.
+no host synchronisation, CUDA-graph capture.
+
+Every test taking `kernel_device` runs twice: on a real GPU (skipped without one) and on the
+CUDA-on-CPU test runtime (tests/cuda_cpu), which executes the same csrc/cuda/label.cu kernels on the
+CPU, so the CUDA labeler is tested on every CI run. Tests of GPU-only behaviour (streams, graphs,
+sync debug mode, a second device) need a real GPU.
 """
 
 from __future__ import annotations
@@ -7,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import (
@@ -22,31 +27,24 @@ from conftest import (
     requires_ops,
     scipy_label_batch,
 )
+from kernel_devices import HAS_REAL_CUDA_KERNELS
 
-pytestmark = [requires_ops, requires_cuda, pytest.mark.cuda]
-
-
-def _has_cuda_label() -> bool:
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("lesioncount::label", "CUDA")
-    except Exception:  # noqa: BLE001
-        return False
-
-
-@pytest.fixture(autouse=True)
-def _need_kernel():
-    if not _has_cuda_label():
-        pytest.fail("torch.cuda is available but lesioncount was built without the CUDA label kernel")
+pytestmark = [requires_ops]
+requires_real_cuda = [
+    pytest.mark.cuda,
+    requires_cuda,
+    pytest.mark.skipif(not HAS_REAL_CUDA_KERNELS, reason="lesioncount was built without the CUDA label kernel"),
+]
 
 
-def cuda_label(x, threshold=0.1, conn=18, min_size=0):
-    return torch.ops.lesioncount.label(x.cuda(), threshold, conn, min_size)
+def kernel_label(kd, x, threshold=0.1, conn=18, min_size=0):
+    return kd.ops.label(kd.to(x), threshold, conn, min_size)
 
 
-def assert_parity(x, threshold, conn, min_size=0):
+def assert_parity(kd, x, threshold, conn, min_size=0):
     exp = torch.ops.lesioncount.label(x, threshold, conn, min_size)
-    got = cuda_label(x, threshold, conn, min_size)
-    assert got[0].is_cuda and got[1].is_cuda
+    got = kernel_label(kd, x, threshold, conn, min_size)
+    assert kd.is_on(got[0]) and kd.is_on(got[1])
     assert got[0].dtype == exp[0].dtype and got[1].dtype == torch.int64
     torch.testing.assert_close(got[0].cpu(), exp[0], rtol=0, atol=0)
     torch.testing.assert_close(got[1].cpu(), exp[1], rtol=0, atol=0)
@@ -56,7 +54,7 @@ shapes_3d = st.tuples(st.integers(1, 3), st.integers(1, 12), st.integers(1, 12),
 shapes_2d = st.tuples(st.integers(1, 3), st.integers(1, 33), st.integers(1, 33))
 
 
-@settings(max_examples=150)
+@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
 @given(
     shape=st.one_of(shapes_3d, shapes_2d, st.sampled_from(ODD_SHAPES_3D + ODD_SHAPES_2D)),
     density=st.floats(0.0, 1.0),
@@ -64,11 +62,11 @@ shapes_2d = st.tuples(st.integers(1, 3), st.integers(1, 33), st.integers(1, 33))
     min_size=st.sampled_from([0, 0, 1, 2, 5]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_cuda_matches_cpu_random(shape, density, conn_idx, min_size, seed):
+def test_cuda_matches_cpu_random(kernel_device, shape, density, conn_idx, min_size, seed):
     conn = [6, 18, 26][conn_idx] if len(shape) == 4 else [4, 8, 8][conn_idx]
     x, fg = random_probs(make_rng(seed), shape, density)
-    assert_parity(x, 0.1, conn, min_size)
-    labels, num = cuda_label(x, 0.1, conn, min_size)
+    assert_parity(kernel_device, x, 0.1, conn, min_size)
+    labels, num = kernel_label(kernel_device, x, 0.1, conn, min_size)
     exp, exp_num = scipy_label_batch(fg, conn, min_size)
     np.testing.assert_array_equal(labels.cpu().numpy(), exp)
     np.testing.assert_array_equal(num.cpu().numpy(), exp_num)
@@ -76,37 +74,37 @@ def test_cuda_matches_cpu_random(shape, density, conn_idx, min_size, seed):
 
 @pytest.mark.parametrize("rank,conn", ALL_CONNECTIVITIES)
 @pytest.mark.parametrize("density", [0.0, 0.05, 0.3, 0.5, 0.7, 1.0])
-def test_cuda_odd_shapes(rank, conn, density):
+def test_cuda_odd_shapes(kernel_device, rank, conn, density):
     rng = make_rng(int(density * 100) + conn)
     for shape in ODD_SHAPES_3D if rank == 3 else ODD_SHAPES_2D:
         x, _ = random_probs(rng, shape, density)
-        assert_parity(x, 0.1, conn)
+        assert_parity(kernel_device, x, 0.1, conn)
 
 
 @pytest.mark.parametrize("dtype", LABEL_DTYPES, ids=str)
 @pytest.mark.parametrize("rank,conn", ALL_CONNECTIVITIES)
-def test_cuda_all_dtypes(dtype, rank, conn):
+def test_cuda_all_dtypes(kernel_device, dtype, rank, conn):
     rng = make_rng(17)
     shape = (2, 9, 10, 11) if rank == 3 else (3, 37, 29)
     fg = rng.random(shape) < 0.45
-    assert_parity(binary_to_dtype(fg, dtype, rng=rng), 0.1, conn)
+    assert_parity(kernel_device, binary_to_dtype(fg, dtype, rng=rng), 0.1, conn)
     if dtype.is_floating_point:
         for t in (0.1, 1 / 3, 0.5, 0.0):  # not representable in the dtype: exact float64 semantics
-            assert_parity(torch.from_numpy(rng.random(shape)).to(dtype), t, conn)
+            assert_parity(kernel_device, torch.from_numpy(rng.random(shape)).to(dtype), t, conn)
 
 
 @pytest.mark.parametrize("rank,conn", ALL_CONNECTIVITIES)
 @pytest.mark.parametrize("min_size", [2, 3, 7, 10**6])
-def test_cuda_min_size(rank, conn, min_size):
+def test_cuda_min_size(kernel_device, rank, conn, min_size):
     rng = make_rng(min_size)
     shape = (3, 17, 16, 18) if rank == 3 else (3, 45, 44)
     x, _ = random_probs(rng, shape, 0.3)
-    assert_parity(x, 0.1, conn, min_size)
+    assert_parity(kernel_device, x, 0.1, conn, min_size)
 
 
 @pytest.mark.parametrize("conn", [6, 18, 26])
 @pytest.mark.parametrize("min_size", [0, 10])
-def test_cuda_realistic_and_noise(conn, min_size):
+def test_cuda_realistic_and_noise(kernel_device, conn, min_size):
     from lesioncount import synthetic
 
     for x in (
@@ -114,56 +112,59 @@ def test_cuda_realistic_and_noise(conn, min_size):
         synthetic.noise_volume(2, (33, 64, 65), density=0.5, seed=4),
         synthetic.noise_volume(1, (16, 64, 64), density=0.3, seed=5),
     ):
-        assert_parity(x, 0.1, conn, min_size)
+        assert_parity(kernel_device, x, 0.1, conn, min_size)
 
 
 @pytest.mark.parametrize("conn", [4, 8])
-def test_cuda_2d_large(conn):
+def test_cuda_2d_large(kernel_device, conn):
     from lesioncount import synthetic
 
     x = synthetic.noise_volume(4, (517, 301), density=0.55, seed=6)
-    assert_parity(x, 0.1, conn)
-    assert_parity(x, 0.1, conn, 3)
+    assert_parity(kernel_device, x, 0.1, conn)
+    assert_parity(kernel_device, x, 0.1, conn, 3)
 
 
-def test_cuda_repeatable_and_deterministic():
+def test_cuda_repeatable_and_deterministic(kernel_device):
     from lesioncount import synthetic
 
-    x = synthetic.noise_volume(2, (40, 96, 96), density=0.5, seed=7).cuda()
-    first = torch.ops.lesioncount.label(x, 0.1, 6, 0)
-    for _ in range(5):
-        again = torch.ops.lesioncount.label(x, 0.1, 6, 0)
+    x = kernel_device.to(synthetic.noise_volume(2, (40, 96, 96), density=0.5, seed=7))
+    first = kernel_device.ops.label(x, 0.1, 6, 0)
+    for _ in range(3):
+        again = kernel_device.ops.label(x, 0.1, 6, 0)
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
-def test_cuda_batch_items_independent():
+def test_cuda_batch_items_independent(kernel_device):
     rng = make_rng(99)
     for conn, shape in ((26, (4, 5, 6, 7)), (6, (4, 5, 6, 7)), (8, (4, 9, 8))):
         x, _ = random_probs(rng, shape, 0.6)
         flat = x.view(shape[0], -1)
         flat[:, 0] = 0.9
         flat[:, -1] = 0.9
-        assert_parity(x, 0.1, conn)
+        assert_parity(kernel_device, x, 0.1, conn)
 
 
-def test_cuda_empty_and_noncontiguous():
+def test_cuda_empty_and_noncontiguous(kernel_device):
     for shape in ((0, 4, 4, 4), (2, 0, 4, 4), (3, 0, 5)):
         conn = 6 if len(shape) == 4 else 4
-        labels, num = cuda_label(torch.rand(shape), 0.1, conn)
+        labels, num = kernel_label(kernel_device, torch.rand(shape), 0.1, conn)
         assert labels.shape == shape and num.tolist() == [0] * shape[0]
     x = torch.rand(2, 7, 8, 9).permute(0, 3, 2, 1)
-    assert_parity(x, 0.5, 18)
+    assert_parity(kernel_device, x, 0.5, 18)
 
 
-def test_cuda_nan_marks_item_without_sync():
-    x = torch.rand(3, 6, 7, 8, device="cuda")
+def test_cuda_nan_marks_item_without_sync(kernel_device):
+    x = kernel_device.to(torch.rand(3, 6, 7, 8))
     x[1, 2, 3, 4] = float("nan")
-    labels, num = torch.ops.lesioncount.label(x, 0.5, 26, 0)
+    labels, num = kernel_device.ops.label(x, 0.5, 26, 0)
     assert int(num[1]) == -1 and bool((labels[1] == 0).all())
     ok = torch.ops.lesioncount.label(x[[0, 2]].cpu(), 0.5, 26, 0)
     assert torch.equal(labels[[0, 2]].cpu(), ok[0]) and torch.equal(num[[0, 2]].cpu(), ok[1])
 
 
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.skipif(not HAS_REAL_CUDA_KERNELS, reason="needs the CUDA build")
 def test_cuda_other_device_and_stream():
     x = torch.rand(2, 9, 9, 9)
     exp = torch.ops.lesioncount.label(x, 0.5, 18, 0)
@@ -180,6 +181,9 @@ def test_cuda_other_device_and_stream():
         assert torch.equal(got[0].cpu(), exp[0])
 
 
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.skipif(not HAS_REAL_CUDA_KERNELS, reason="needs the CUDA build")
 def test_cuda_no_host_sync():
     x = torch.rand(2, 16, 17, 18, device="cuda")
     torch.ops.lesioncount.label(x, 0.5, 26, 0)  # warm up (allocator, module load)
@@ -192,6 +196,9 @@ def test_cuda_no_host_sync():
         torch.cuda.set_sync_debug_mode(0)
 
 
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.skipif(not HAS_REAL_CUDA_KERNELS, reason="needs the CUDA build")
 def test_cuda_graph_capture():
     x = torch.rand(2, 16, 17, 18, device="cuda")
     static_out = None
@@ -214,32 +221,38 @@ def test_cuda_graph_capture():
 
 
 @pytest.mark.parametrize("conn,shape", [(26, (2, 5, 6, 7)), (6, (1, 4, 4, 4)), (8, (2, 9, 10))])
-def test_cuda_opcheck(conn, shape):
-    x = torch.rand(shape, device="cuda")
-    torch.library.opcheck(torch.ops.lesioncount.label.default, (x, 0.5, conn, 0))
-    torch.library.opcheck(torch.ops.lesioncount.label.default, (x, 0.5, conn, 3))
+def test_cuda_opcheck(kernel_device, conn, shape):
+    x = kernel_device.to(torch.rand(shape))
+    with kernel_device.active():
+        torch.library.opcheck(torch.ops.lesioncount.label.default, (x, 0.5, conn, 0))
+        torch.library.opcheck(torch.ops.lesioncount.label.default, (x, 0.5, conn, 3))
 
 
-def test_cuda_public_wrapper():
+def test_cuda_public_wrapper(kernel_device):
     import lesioncount as lc
 
     x = torch.rand(2, 1, 6, 7, 8)
     exp = lc.label(x, 0.5, 18)
-    got = lc.label(x.cuda(), 0.5, 18)
-    assert got[0].is_cuda
+    with kernel_device.active():
+        got = lc.label(kernel_device.to(x), 0.5, 18)
+    assert kernel_device.is_on(got[0])
     assert torch.equal(got[0].cpu(), exp[0]) and torch.equal(got[1].cpu(), exp[1])
 
 
 @pytest.mark.slow
+@pytest.mark.cuda
+@requires_cuda
 def test_cuda_large_item():
     """A big single item (~134 M voxels) stays exact (int32 labels; near-worst-case merge chains)."""
     from lesioncount import synthetic
 
     x = synthetic.noise_volume(1, (128, 1024, 1024), density=0.5, seed=8)
-    assert_parity(x, 0.1, 26)
+    assert_parity(kernel_device, x, 0.1, 26)
 
 
 @pytest.mark.slow
+@pytest.mark.cuda
+@requires_cuda
 def test_cuda_wide_item():
     """An item of 2^31 voxels takes the int64 path (int64 labels and indices, >= 2^31 blocks at
     6-connectivity). Needs ~40 GB of device memory and ~20 GB of host memory."""

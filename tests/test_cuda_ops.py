@@ -1,9 +1,11 @@
 """CUDA region_max and poisson_binomial: parity with the CPU kernels, gradients, opcheck, CUDA
 graphs, torch.compile, device errors.
 
-Every CUDA test skips cleanly without a GPU (or without the compiled CUDA kernels). The launch-plan
-test at the top runs anywhere a C++ compiler is available: it compiles the host/device launch
-helpers of csrc/cuda/*_launch.h with the host compiler and checks them.
+Tests taking `kernel_device` run twice: on a real GPU (skipped without one) and on the CUDA-on-CPU
+test runtime (tests/cuda_cpu), which executes the same csrc/cuda/*.cu kernels on the CPU, so they run
+on every CI machine. Tests of GPU-only behaviour (CUDA graphs, torch.compile on the GPU, mixed
+devices, asynchronous device assertions) need a real GPU. The launch-plan test at the top compiles
+the host/device launch helpers of csrc/cuda/*_launch.h with the host compiler and checks them.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import pytest
 import torch
 
 from conftest import FLOAT_DTYPES, HAS_CUDA, HAS_OPS, ROOT
+from kernel_devices import HAS_REAL_CUDA_KERNELS
 
 # --------------------------------------------------------------------------------------------
 # CPU-runnable: launch configuration helpers (plain C++, no CUDA needed)
@@ -107,20 +110,10 @@ def test_launch_plan_host_compiled(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def _has_cuda_kernels() -> bool:
-    if not (HAS_CUDA and HAS_OPS):
-        return False
-    from lesioncount import _ops
-
-    dev = torch.device("cuda")
-    return all(_ops.has_kernel(op, dev) for op in ("region_max", "poisson_binomial", "_poisson_binomial_backward"))
-
-
-HAS_CUDA_KERNELS = _has_cuda_kernels()
 requires_cuda_kernels = pytest.mark.skipif(
-    not HAS_CUDA_KERNELS, reason="needs a CUDA device and the compiled CUDA kernels of lesioncount"
+    not HAS_REAL_CUDA_KERNELS, reason="needs a CUDA device and the compiled CUDA kernels of lesioncount"
 )
-pytestmark_cuda = [pytest.mark.cuda, requires_cuda_kernels]
+requires_ops = pytest.mark.skipif(not HAS_OPS, reason="compiled lesioncount ops not available")
 
 ops = torch.ops.lesioncount if HAS_OPS else None
 
@@ -135,11 +128,10 @@ def _regions(B, shape, R, gen, dtype=torch.int32):
     return lab.to(dtype).contiguous()
 
 
-@pytest.mark.cuda
-@requires_cuda_kernels
+@requires_ops
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("label_dtype", [torch.int32, torch.int64])
-def test_region_max_parity_bitwise(dtype, label_dtype):
+def test_region_max_parity_bitwise(kernel_device, dtype, label_dtype):
     gen = torch.Generator().manual_seed(1)
     for B, shape, R in [(3, (7, 33, 65), 40), (1, (1, 1, 1), 1), (2, (4, 5, 300), 3), (4, (17, 9), 200)]:
         lab = _regions(B, shape, R, gen, label_dtype)
@@ -147,7 +139,7 @@ def test_region_max_parity_bitwise(dtype, label_dtype):
         x = (torch.randint(-4, 9, (B,) + shape, generator=gen).to(torch.float64) / 4).to(dtype)
         x[x == 0] = torch.where(torch.rand(int((x == 0).sum()), generator=gen) < 0.5, 0.0, -0.0).to(dtype)
         v_cpu, i_cpu = ops.region_max(x, lab, R)
-        v_gpu, i_gpu = ops.region_max(x.cuda(), lab.cuda(), R)
+        v_gpu, i_gpu = kernel_device.ops.region_max(kernel_device.to(x), kernel_device.to(lab), R)
         assert torch.equal(i_gpu.cpu(), i_cpu)
         # bitwise, including the sign of zero
         assert torch.equal(v_gpu.cpu().view(torch.int16 if dtype.itemsize == 2 else
@@ -156,37 +148,41 @@ def test_region_max_parity_bitwise(dtype, label_dtype):
                                       (torch.int32 if dtype.itemsize == 4 else torch.int64)))
 
 
-@pytest.mark.cuda
-@requires_cuda_kernels
-def test_region_max_ties_absent_and_empty():
-    x = torch.tensor([[0.5, 0.9, 0.9, 0.1, 0.9, 0.3]], device="cuda")
-    lab = torch.tensor([[1, 1, 1, 0, 3, 3]], dtype=torch.int32, device="cuda")
-    v, i = ops.region_max(x, lab, 4)
+@requires_ops
+def test_region_max_ties_absent_and_empty(kernel_device):
+    kd = kernel_device
+    x = kd.to(torch.tensor([[0.5, 0.9, 0.9, 0.1, 0.9, 0.3]]))
+    lab = kd.to(torch.tensor([[1, 1, 1, 0, 3, 3]], dtype=torch.int32))
+    v, i = kd.ops.region_max(x, lab, 4)
     assert i.tolist() == [[1, -1, 4, -1]]
     assert v.tolist() == [[pytest.approx(0.9), 0.0, pytest.approx(0.9), 0.0]]
-    v, i = ops.region_max(x, lab, 0 + 4)
-    v0, i0 = ops.region_max(x[:0], lab[:0], 3)
+    v0, i0 = kd.ops.region_max(x[:0], lab[:0], 3)  # empty batch
     assert v0.shape == (0, 3) and i0.shape == (0, 3)
-    z = torch.zeros(2, 5, device="cuda")
-    v, i = ops.region_max(z, torch.zeros_like(z, dtype=torch.int64), 0)
+    z = kd.to(torch.zeros(2, 5))
+    v, i = kd.ops.region_max(z, torch.zeros_like(z, dtype=torch.int64), 0)  # no regions
     assert v.shape == (2, 0) and i.shape == (2, 0)
+    v, i = kd.ops.region_max(z, torch.zeros_like(z, dtype=torch.int32), 3)  # all background
+    assert i.tolist() == [[-1] * 3] * 2 and v.tolist() == [[0.0] * 3] * 2
+    v, i = kd.ops.region_max(kd.to(torch.zeros(2, 0)), kd.to(torch.zeros(2, 0, dtype=torch.int32)), 2)  # empty items
+    assert i.tolist() == [[-1] * 2] * 2
     # a big item: the warp pre-aggregation crosses tiles and blocks
-    x = torch.rand(2, 64, 96, 96, device="cuda")
-    lab = (torch.arange(64 * 96 * 96, device="cuda").reshape(64, 96, 96) // 1000 % 50).to(torch.int32).expand(2, -1, -1, -1).contiguous()
-    v, i = ops.region_max(x, lab, 50)
-    vc, ic = ops.region_max(x.cpu(), lab.cpu(), 50)
+    x = torch.rand(2, 64, 96, 96)
+    lab = (torch.arange(64 * 96 * 96).reshape(64, 96, 96) // 1000 % 50).to(torch.int32).expand(2, -1, -1, -1).contiguous()
+    v, i = kd.ops.region_max(kd.to(x), kd.to(lab), 50)
+    vc, ic = ops.region_max(x, lab, 50)
     assert torch.equal(i.cpu(), ic) and torch.equal(v.cpu(), vc)
 
 
-@pytest.mark.cuda
-@requires_cuda_kernels
-def test_region_max_deterministic():
+@requires_ops
+def test_region_max_deterministic(kernel_device):
     gen = torch.Generator().manual_seed(3)
-    lab = _regions(2, (16, 64, 64), 30, gen).cuda()
-    x = (torch.randint(0, 3, lab.shape, generator=gen).float() / 2).cuda()  # ties everywhere
-    ref = ops.region_max(x, lab, 30)
-    for _ in range(5):
-        out = ops.region_max(x, lab, 30)
+    kd = kernel_device
+    lab = kd.to(_regions(2, (16, 64, 64), 30, gen))
+    x = kd.to(torch.randint(0, 3, lab.shape, generator=gen).float() / 2)  # ties everywhere
+    ref = ops.region_max(x.cpu(), lab.cpu(), 30)
+    for _ in range(3):
+        out = kd.ops.region_max(x, lab, 30)
+        out = (out[0].cpu(), out[1].cpu())
         assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
 
 
@@ -209,17 +205,16 @@ def _pb_inputs(B, K, gen, from_logits):
 PB_CASES = [(K, M) for K in (0, 1, 20, 2000) for M in sorted({0, 5, K})]
 
 
-@pytest.mark.cuda
-@requires_cuda_kernels
+@requires_ops
 @pytest.mark.parametrize("K,M", PB_CASES)
 @pytest.mark.parametrize("mode", ["linear", "log", "logits", "logits-log"])
-def test_poisson_binomial_parity(K, M, mode):
+def test_poisson_binomial_parity(kernel_device, K, M, mode):
     log_space = "log" in mode
     from_logits = "logits" in mode
     gen = torch.Generator().manual_seed(K * 31 + M)
     x = _pb_inputs(5, K, gen, from_logits)
     cpu = ops.poisson_binomial(x, M, log_space, from_logits)
-    gpu = ops.poisson_binomial(x.cuda(), M, log_space, from_logits).cpu()
+    gpu = kernel_device.ops.poisson_binomial(kernel_device.to(x), M, log_space, from_logits).cpu()
     if log_space:  # pmf to 1e-12, log-pmf relative
         torch.testing.assert_close(gpu.exp(), cpu.exp(), rtol=1e-12, atol=1e-12)
         finite = torch.isfinite(cpu)
@@ -232,41 +227,39 @@ def test_poisson_binomial_parity(K, M, mode):
     if log_space:
         w = torch.where(torch.isfinite(cpu), w, 0.0)
     g_cpu = ops._poisson_binomial_backward(w, x, M, log_space, from_logits)
-    g_gpu = ops._poisson_binomial_backward(w.cuda(), x.cuda(), M, log_space, from_logits).cpu()
+    g_gpu = kernel_device.ops._poisson_binomial_backward(kernel_device.to(w), kernel_device.to(x), M, log_space,
+                                                         from_logits).cpu()
     scale = g_cpu.abs().max().clamp_min(1.0) if g_cpu.numel() else 1.0
     torch.testing.assert_close(g_gpu, g_cpu, rtol=1e-9, atol=1e-10 * float(scale))
 
 
-@pytest.mark.cuda
-@requires_cuda_kernels
+@requires_ops
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_poisson_binomial_low_precision_parity(dtype):
+def test_poisson_binomial_low_precision_parity(kernel_device, dtype):
     gen = torch.Generator().manual_seed(7)
     x = torch.rand(6, 300, generator=gen).to(dtype)
     for M, log_space in [(4, True), (4, False), (40, True), (40, False)]:
         cpu = ops.poisson_binomial(x, M, log_space, False)
-        gpu = ops.poisson_binomial(x.cuda(), M, log_space, False).cpu()
+        gpu = kernel_device.ops.poisson_binomial(kernel_device.to(x), M, log_space, False).cpu()
         torch.testing.assert_close(gpu.float(), cpu.float(), rtol=2e-3 if dtype != torch.float32 else 1e-6, atol=1e-6)
 
 
-@pytest.mark.cuda
-@requires_cuda_kernels
-def test_poisson_binomial_large_k_small_m():
+@requires_ops
+def test_poisson_binomial_large_k_small_m(kernel_device):
     gen = torch.Generator().manual_seed(11)
     x = (torch.rand(3, 100000, generator=gen, dtype=torch.float64) * 1e-4)
     for log_space in (False, True):
         cpu = ops.poisson_binomial(x, 5, log_space, False)
-        gpu = ops.poisson_binomial(x.cuda(), 5, log_space, False).cpu()
+        gpu = kernel_device.ops.poisson_binomial(kernel_device.to(x), 5, log_space, False).cpu()
         if log_space:
             cpu, gpu = cpu.exp(), gpu.exp()
         torch.testing.assert_close(gpu, cpu, rtol=1e-11, atol=1e-12)
 
 
-@pytest.mark.cuda
-@requires_cuda_kernels
+@requires_ops
 @pytest.mark.parametrize("M", [3, 30])
 @pytest.mark.parametrize("log_space,from_logits", [(False, False), (True, False), (False, True), (True, True)])
-def test_gradcheck_cuda(M, log_space, from_logits):
+def test_gradcheck_cuda(kernel_device, M, log_space, from_logits):
     import lesioncount
 
     gen = torch.Generator().manual_seed(5)
@@ -274,28 +267,30 @@ def test_gradcheck_cuda(M, log_space, from_logits):
         x = torch.randn(3, 40, generator=gen, dtype=torch.float64)
     else:
         x = torch.rand(3, 40, generator=gen, dtype=torch.float64) * 0.9 + 0.05
-    x = x.cuda().requires_grad_(True)
-    torch.autograd.gradcheck(lambda t: lesioncount.poisson_binomial(t, M, log=log_space, from_logits=from_logits), (x,))
+    kd = kernel_device
+    x = kd.to(x).requires_grad_(True)
+    values = kd.to(torch.rand(2, 6, 7, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    lab = kd.to(torch.randint(0, 4, (2, 6, 7), generator=gen).to(torch.int32))
+    with kd.active():
+        torch.autograd.gradcheck(lambda t: lesioncount.poisson_binomial(t, M, log=log_space, from_logits=from_logits), (x,))
+        torch.autograd.gradcheck(lambda t: lesioncount.region_max(t, lab, 4)[0], (values,))
 
-    values = torch.rand(2, 6, 7, generator=gen, dtype=torch.float64).cuda().requires_grad_(True)
-    lab = torch.randint(0, 4, (2, 6, 7), generator=gen).to(torch.int32).cuda()
-    torch.autograd.gradcheck(lambda t: lesioncount.region_max(t, lab, 4)[0], (values,))
 
-
-@pytest.mark.cuda
-@requires_cuda_kernels
-def test_opcheck_cuda():
+@requires_ops
+def test_opcheck_cuda(kernel_device):
     gen = torch.Generator().manual_seed(9)
-    x = torch.rand(2, 5, 6, 7, generator=gen).cuda()
-    lab = torch.randint(0, 5, (2, 5, 6, 7), generator=gen).to(torch.int32).cuda()
-    torch.library.opcheck(ops.region_max, (x.requires_grad_(True), lab, 5))
-    for log_space, from_logits in [(False, False), (True, False), (True, True)]:
-        p = torch.rand(3, 25, generator=gen, dtype=torch.float64).cuda().requires_grad_(True)
-        torch.library.opcheck(ops.poisson_binomial, (p, 4, log_space, from_logits))
-        torch.library.opcheck(ops.poisson_binomial, (p, 30, log_space, from_logits))
-        g = torch.rand(3, 5, dtype=torch.float64, device="cuda")
-        torch.library.opcheck(ops._poisson_binomial_backward, (g, p.detach(), 4, log_space, from_logits),
-                              test_utils=("test_schema", "test_faketensor"))
+    kd = kernel_device
+    x = kd.to(torch.rand(2, 5, 6, 7, generator=gen))
+    lab = kd.to(torch.randint(0, 5, (2, 5, 6, 7), generator=gen).to(torch.int32))
+    with kd.active():
+        torch.library.opcheck(ops.region_max, (x.requires_grad_(True), lab, 5))
+        for log_space, from_logits in [(False, False), (True, False), (True, True)]:
+            p = kd.to(torch.rand(3, 25, generator=gen, dtype=torch.float64)).requires_grad_(True)
+            torch.library.opcheck(ops.poisson_binomial, (p, 4, log_space, from_logits))
+            torch.library.opcheck(ops.poisson_binomial, (p, 30, log_space, from_logits))
+            g = kd.to(torch.rand(3, 5, dtype=torch.float64))
+            torch.library.opcheck(ops._poisson_binomial_backward, (g, p.detach(), 4, log_space, from_logits),
+                                  test_utils=("test_schema", "test_faketensor"))
 
 
 def _realistic(B=2, shape=(16, 48, 48)):
@@ -305,14 +300,14 @@ def _realistic(B=2, shape=(16, 48, 48)):
     return probs, counts
 
 
-@pytest.mark.cuda
-@requires_cuda_kernels
-def test_count_distribution_cuda_matches_cpu():
+@requires_ops
+def test_count_distribution_cuda_matches_cpu(kernel_device):
     import lesioncount
 
     probs, counts = _realistic()
     r_cpu = lesioncount.count_distribution(probs, max_count=4)
-    r_gpu = lesioncount.count_distribution(probs.cuda(), max_count=4)
+    with kernel_device.active():
+        r_gpu = lesioncount.count_distribution(kernel_device.to(probs), max_count=4)
     assert torch.equal(r_gpu.labels.cpu(), r_cpu.labels)
     assert torch.equal(r_gpu.argmax.cpu(), r_cpu.argmax)
     torch.testing.assert_close(r_gpu.pmf.cpu(), r_cpu.pmf, rtol=1e-6, atol=1e-7)
