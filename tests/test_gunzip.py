@@ -228,3 +228,89 @@ def test_c_contiguous_equals_ascontiguousarray(shape, dtype):
         assert out.flags.c_contiguous and out.dtype == view.dtype and out.shape == view.shape
         assert out.tobytes() == np.ascontiguousarray(view).tobytes()
     assert c_contiguous(np.ones((3, 4))).flags.c_contiguous  # other ranks pass through
+
+
+# ----------------------------------------------------------------------------- lesioncount count
+
+
+def _count_folder(tmp_path, n=5, shape=(24, 20, 33)):
+    from lesioncount.synthetic import realistic_probability_maps
+
+    maps = realistic_probability_maps(n, shape, num_lesions=(1, 4), radius=(1.5, 2.5), seed=11).numpy()
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for b, m in enumerate(maps):
+        nib.save(nib.Nifti1Image(m, AFFINE), str(folder / f"case_{b:02d}.nii.gz"))
+    return folder
+
+
+def _outputs_without_timings(out):
+    """Every output file's bytes, with the CASE.json timings block cut out."""
+    import re
+
+    files = {}
+    for path in sorted(out.iterdir()):
+        data = path.read_bytes()
+        if path.suffix == ".json":
+            text = data.decode()
+            block = re.search(r',\n "timings_s": \{\n[^{}]*\n \}', text)
+            assert block is not None, path.name
+            data = (text[:block.start()] + text[block.end():]).encode()
+        elif path.name == "summary.csv":  # its last three columns are read_s, count_s, write_s
+            lines = data.decode().splitlines()
+            assert lines[0].endswith(",read_s,count_s,write_s")
+            data = "\n".join(line.rsplit(",", 3)[0] for line in lines).encode()
+        files[path.name] = data
+    return files
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_count_outputs_are_byte_identical_across_libraries_workers_and_the_fallback(tmp_path, fresh_selection,
+                                                                                    monkeypatch):
+    from lesioncount.cli import main
+    from lesioncount.commands import count as count_command
+
+    folder = _count_folder(tmp_path)
+    active, peak = [0], [0]
+    real = count_command._process_case
+
+    def tracked(*args):  # the real per-case work, counting how many cases run at once
+        active[0] += 1
+        peak[0] = max(peak[0], active[0])
+        try:
+            return real(*args)
+        finally:
+            active[0] -= 1
+
+    monkeypatch.setattr(count_command, "_process_case", tracked)
+
+    def run(name, *extra):
+        out = tmp_path / name
+        assert main(["count", "-q", "-i", str(folder), "-o", str(out), "--save-labels", *extra]) == 0
+        return _outputs_without_timings(out)
+
+    expected = run("serial_zlib", "--workers", "0")
+    assert len(expected) == 5 * 2 + 2  # CASE.json + CASE_labels.nii.gz per case, summary.csv, errors.csv
+    for backend in BACKENDS:
+        set_gzip_backend(backend)
+        for workers in ("0", "1", "3"):
+            peak[0] = 0
+            assert run(f"{backend}_{workers}", "--workers", workers) == expected, (backend, workers)
+            assert peak[0] <= max(int(workers), 1), "more cases in flight than workers"
+    _hide_fast_libraries(monkeypatch)
+    monkeypatch.setattr(_gunzip, "_selected", None)
+    assert run("fallback", "--workers", "2") == expected
+    assert gzip_backend() == "zlib"
+
+
+def test_count_default_workers_is_the_usable_cores(tmp_path, capsys, monkeypatch):
+    from lesioncount.cli import main
+    from lesioncount.commands import count as count_command
+
+    monkeypatch.setattr(count_command.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert count_command.default_workers() == 3
+    folder = _count_folder(tmp_path, n=2)
+    assert main(["count", "-i", str(folder), "-o", str(tmp_path / "out")]) == 0
+    assert "3 worker thread(s)" in capsys.readouterr().out
+    assert main(["count", "-i", str(folder), "-o", str(tmp_path / "out"), "--overwrite", "--workers", "-2"]) == 2
+    assert "--workers must be >= 0, got -2" in capsys.readouterr().err

@@ -443,7 +443,7 @@ def read_probability_map(path: PathLike, channel: int = 1, *, missing_geometry: 
         data = _select_nifti_channel(path, data, int(channel))
     try:
         # C order, so that label ids follow SciPy raster order on the (X, Y, Z) grid and the copy
-        # happens here (in the reader threads of `lesioncount count --workers`), not in counting.
+        # happens here, in the worker threads of `lesioncount count --workers`.
         data = c_contiguous(_as_float(np.asarray(data)))
     except TypeError as exc:
         raise CaseReadError(path, str(exc)) from None

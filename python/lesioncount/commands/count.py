@@ -15,10 +15,10 @@ Outputs in ``OUT_DIR``:
 - ``CASE.json``: the case report (:func:`lesioncount.report.case_report`): settings, count pmf,
   expected / most likely count, entropy, 90% credible interval, cc_count baseline at 0.5, the
   lesion table (probability, argmax voxel, size, centroid, bounding box; voxel and mm coordinates)
-  and the timings of the case: ``read_s`` (wall time of reading + decompressing, in its reader
-  thread), ``read_cpu_s`` (CPU time of that thread: read_s >> read_cpu_s means the reader waited
-  for a core or the GIL), ``wait_s`` (how long counting waited for the case), ``count_s``,
-  ``write_s``.
+  and the timings of the case: ``read_s`` (wall time of reading + decompressing, in its worker
+  thread), ``read_cpu_s`` (CPU time of that thread: read_s >> read_cpu_s means the worker waited
+  for a core or the GIL), ``wait_s`` (how long the main thread, which writes the results in case
+  order, waited for this case), ``count_s``, ``write_s``.
 - ``CASE_labels.nii.gz`` with ``--save-labels``: the candidate label map, with the input's affine
   (ids as in the lesion table). Such files in the input folder (OUT_DIR = input folder, now or in
   an earlier run) are not counted as cases: ``CASE_labels.nii.gz`` is skipped when ``CASE`` is a case.
@@ -38,12 +38,16 @@ Choices:
   channel, mask, baseline threshold) is not mixed into the summary: that case is reported as failed
   (exit 1) with the options that differ.
   ``summary.csv`` and ``errors.csv`` are always rewritten.
-- ``--workers N`` (default 2): N threads read and decompress the next N cases while the main
-  thread counts; ``.nii.gz`` files are inflated in one GIL-free zlib call (see
-  :mod:`lesioncount.io`), so the readers really run in parallel. ``--workers 0`` reads in the
-  main thread. At most N cases are held in memory ahead of the one being counted. ``--threads`` (default
-  1) sets torch's intra-op threads for the counting: reading dominates, and on a 2-core machine
-  extra counting threads only compete with the readers.
+- ``--workers N`` (default: the number of CPU cores this process may use): N threads each take a
+  case through read, decompress, count, report and label map, while the main thread writes the
+  ``CASE.json`` files and the progress bar in case order. ``.nii.gz`` files are inflated by ISA-L
+  (``isal``, in the ``[io]`` extra), else zlib-ng, else zlib, in GIL-free calls, and counting runs
+  in torch ops that release the GIL, so the threads really use N cores and a folder runs about N
+  times faster than with ``--workers 0`` (everything in the main thread). At most N cases are
+  being processed, and hold their arrays, at any time; at most N more are queued.
+  ``LESIONCOUNT_GZIP=isal|zlib-ng|zlib`` forces a decompression library (all give identical data).
+  ``--threads`` (default 1) sets torch's intra-op threads of each worker's counting: with one case
+  per core, more threads only oversubscribe the cores.
 - ``--min-volume V``: converted per case to ``ceil(V / voxel_volume)`` voxels.
 - nnU-Net ``.npz`` without its sibling segmentation: the case fails, unless
   ``--allow-missing-geometry`` (identity affine, 1 mm voxels, with a warning).
@@ -56,7 +60,7 @@ unavailable device.
 
 Example::
 
-    lesioncount count -i nnunet_predictions/ -o counts/ --min-volume 10 --workers 2 --save-labels
+    lesioncount count -i nnunet_predictions/ -o counts/ --min-volume 10 --save-labels
 """
 from __future__ import annotations
 
@@ -73,6 +77,19 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+
+def default_workers() -> int:
+    """The default ``--workers``: the CPU cores this process may run on (its affinity mask).
+
+    Example:
+        >>> default_workers() >= 1
+        True
+    """
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def register(subparsers) -> None:
@@ -100,12 +117,12 @@ def register(subparsers) -> None:
     p.add_argument("--mask", type=pathlib.Path, default=None,
                    help="region of interest: one mask file for all cases, or a folder of per-case masks CASE.nii.gz")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to count (default cpu)")
-    p.add_argument("--workers", type=int, default=2,
-                   help="threads reading/decompressing cases ahead of the counting (0: read in the main thread; "
-                        "default 2)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="threads each reading, decompressing and counting one case at a time (0: everything in "
+                        f"the main thread; default: the usable CPU cores, {default_workers()} here)")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads for the counting itself (default 1: on few cores the reader threads need "
-                        "the rest, and counting one case takes tens of ms)")
+                   help="torch threads for the counting of each worker (default 1: the workers already use every "
+                        "core, and counting one case takes tens of ms)")
     p.add_argument("--num-parts", type=int, default=1, help="split the sorted case list into this many shards")
     p.add_argument("--part-id", type=int, default=0, help="process shard i: cases k with k %% num_parts == i")
     p.add_argument("--save-labels", action="store_true", help="write OUT_DIR/CASE_labels.nii.gz (input affine)")
@@ -138,6 +155,8 @@ def _validate(args) -> None:
         raise _UsageError(f"--max-count must be >= 1, got {args.max_count}")
     if args.channel < 0:
         raise _UsageError(f"--channel must be >= 0, got {args.channel}")
+    if args.workers is None:
+        args.workers = default_workers()
     if args.workers < 0:
         raise _UsageError(f"--workers must be >= 0, got {args.workers}")
     if args.threads < 1:
@@ -206,6 +225,42 @@ def _read_case(path, args, shared_mask):
     if args.mask is not None and args.mask.is_dir():
         mask = read_mask(_mask_for_case(args.mask, volume.name))
     return volume, mask, (time.perf_counter() - t0, time.thread_time() - c0), notes
+
+
+# stands for wait_s in the JSON text a worker formats; the main thread fills it in when it writes
+_WAIT_PLACEHOLDER = '"@wait_s@"'
+
+
+def _process_case(path, args, settings, shared_mask, out_dir: pathlib.Path):
+    """One case from file to report, in a worker thread (``--workers N``) or the main thread (0).
+
+    Reads and decompresses the map (and its mask), counts, builds the report and writes the label
+    map (``--save-labels``); returns ``(report, JSON text, notes)``. The text holds
+    :data:`_WAIT_PLACEHOLDER` for ``wait_s``; the main thread writes it, in case order. Nothing
+    large outlives the call: the arrays are freed when it returns.
+    """
+    from ..report import case_report, count_volume
+
+    volume, mask, (read_s, read_cpu_s), notes = _read_case(path, args, shared_mask)
+    t0 = time.perf_counter()
+    if mask is not None:
+        _check_mask(volume, mask)
+    counted = count_volume(volume, settings, mask=None if mask is None else mask.data)
+    report = case_report(volume, counted, settings)
+    count_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if args.save_labels:
+        from ..io import write_label_map
+
+        write_label_map(out_dir / f"{volume.name}_labels.nii.gz", counted.result.labels[0].numpy(), volume.affine)
+    del volume, mask, counted
+    report["timings_s"] = {"read_s": read_s, "read_cpu_s": read_cpu_s, "wait_s": 0.0, "count_s": count_s,
+                           "write_s": 0.0}
+    text = _format_json(report)
+    write_s = time.perf_counter() - t0  # label map + JSON formatting (not the final small write)
+    report["timings_s"]["write_s"] = write_s
+    text = text.replace('"wait_s": 0.0', f'"wait_s": {_WAIT_PLACEHOLDER}', 1)
+    return report, text.replace('"write_s": 0.0', f'"write_s": {json.dumps(write_s)}', 1), notes
 
 
 def _format_json(report, level: int = 0) -> str:
@@ -296,8 +351,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from .._extras import MissingExtraError, available, require
-    from ..io import CaseReadError, case_name, find_cases, read_mask
-    from ..report import CountSettings, case_report, count_volume, summary_fields, summary_row
+    from ..io import CaseReadError, case_name, find_cases, gzip_backend, read_mask
+    from ..report import CountSettings, summary_fields, summary_row
 
     def fail(message: str) -> int:
         print(f"lesioncount count: error: {message}", file=sys.stderr)
@@ -385,7 +440,8 @@ def _run(args: argparse.Namespace) -> int:
         say(f"lesioncount count: {path}: {reason}")
 
     t_start = time.perf_counter()
-    pool = ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix="lesioncount-read") if args.workers > 0 else None
+    workers = args.workers
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lesioncount-case") if workers > 0 else None
     pending: collections.deque = collections.deque()
     queue = iter(todo)
 
@@ -393,60 +449,42 @@ def _run(args: argparse.Namespace) -> int:
         item = next(queue, None)
         if item is None:
             return
-        future = pool.submit(_read_case, item[1], args, shared_mask) if pool is not None else None
-        pending.append((item, future))
+        job = (item[1], args, settings, shared_mask, out_dir)
+        pending.append((item, pool.submit(_process_case, *job) if pool is not None else job))
 
     try:
-        for _ in range(max(args.workers, 1)):
+        # 2 x workers cases queued: a worker that finishes while the main thread waits for an older
+        # (slower) case starts the next one at once. Only the `workers` cases being processed hold
+        # their arrays (a finished case is its report), so memory stays bounded.
+        for _ in range(2 * workers if workers > 0 else 1):
             submit_next()
         while pending:
-            (index, path, json_path), future = pending.popleft()
+            (index, path, json_path), job = pending.popleft()
             t_wait = time.perf_counter()
             try:
-                volume, mask, (read_s, read_cpu_s), read_warnings = (
-                    future.result() if future is not None else _read_case(path, args, shared_mask))
+                report, text, notes = job.result() if pool is not None else _process_case(*job)
             except MissingExtraError:
                 raise
             except Exception as exc:  # noqa: BLE001 - one bad case must not stop the folder
                 submit_next()
                 report_error(path, exc)
-                if bar is not None:
-                    bar.update(1)
-                continue
-            wait_s = time.perf_counter() - t_wait
-            submit_next()  # keep the readers busy while this case is counted
-            for message in read_warnings:
-                say(f"lesioncount count: warning: {message}")
-            try:
-                t0 = time.perf_counter()
-                if mask is not None:
-                    _check_mask(volume, mask)
-                counted = count_volume(volume, settings, mask=None if mask is None else mask.data)
-                report = case_report(volume, counted, settings)
-                count_s = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                if args.save_labels:
-                    from ..io import write_label_map
-
-                    write_label_map(out_dir / f"{volume.name}_labels.nii.gz", counted.result.labels[0].numpy(),
-                                    volume.affine)
-                report["timings_s"] = {"read_s": read_s, "read_cpu_s": read_cpu_s, "wait_s": wait_s,
-                                       "count_s": count_s, "write_s": 0.0}
-                text = _format_json(report)
-                write_s = time.perf_counter() - t0  # label map + JSON formatting (not the final small write)
-                report["timings_s"]["write_s"] = write_s
-                _write_json(json_path, text.replace('"write_s": 0.0', f'"write_s": {json.dumps(write_s)}', 1))
-            except MissingExtraError:
-                raise
-            except Exception as exc:  # noqa: BLE001
-                report_error(path, exc)
             else:
-                rows[index] = summary_row(report)
-                totals.update(read_s=read_s, wait_s=wait_s, count_s=count_s, write_s=write_s)
-                totals["counted"] += 1
-            finally:
-                if bar is not None:
-                    bar.update(1)
+                wait_s = time.perf_counter() - t_wait
+                submit_next()
+                for message in notes:
+                    say(f"lesioncount count: warning: {message}")
+                try:
+                    report["timings_s"]["wait_s"] = wait_s
+                    _write_json(json_path, text.replace(_WAIT_PLACEHOLDER, json.dumps(wait_s), 1))
+                except OSError as exc:
+                    report_error(path, exc)
+                else:
+                    timings = report["timings_s"]
+                    rows[index] = summary_row(report)
+                    totals.update({k: timings[k] for k in ("read_s", "wait_s", "count_s", "write_s")})
+                    totals["counted"] += 1
+            if bar is not None:
+                bar.update(1)
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -467,8 +505,9 @@ def _run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"lesioncount count: {totals['counted']} of {len(cases)} case(s) counted, {len(errors)} failed, "
               f"{totals['kept']} kept from earlier runs -> {out_dir} in {elapsed:.2f} s "
-              f"(read {totals['read_s']:.2f} s in {max(args.workers, 1)} thread(s), waited for reads "
-              f"{totals['wait_s']:.2f} s, count {totals['count_s']:.2f} s, write {totals['write_s']:.2f} s)")
+              f"({max(args.workers, 1)} worker thread(s), {gzip_backend()} gzip; summed over cases: read "
+              f"{totals['read_s']:.2f} s, count {totals['count_s']:.2f} s, write {totals['write_s']:.2f} s; "
+              f"the main thread waited {totals['wait_s']:.2f} s)")
     if errors:
         print(f"lesioncount count: {len(errors)} case(s) failed; see {out_dir / f'errors{suffix}.csv'}", file=sys.stderr)
         return 1
