@@ -430,3 +430,127 @@ def test_bad_inputs_raise_asynchronously(kind):
     out = subprocess.run([sys.executable, "-c", _BAD_INPUT_SCRIPT, kind], capture_output=True, text=True,
                          env=env, timeout=300)
     assert out.returncode != 0 and "NO-ERROR" not in out.stdout, out.stdout + out.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# GPU-readiness: zero-size launches, grid limits, layouts, dtypes, the split and block kernels
+# --------------------------------------------------------------------------------------------
+
+
+@requires_ops
+def test_bad_inputs_flag_without_sync(kernel_device):
+    """The kernels skip bad voxels/candidates and clear the `ok` flag that at::_assert_async reads
+    (synchronous on the CPU runtime; a device-side assertion on a GPU: see the subprocess test)."""
+    kd = kernel_device
+    if not kd.emulated:
+        pytest.skip("on a GPU the assertion poisons the context: test_bad_inputs_raise_asynchronously")
+    x = torch.rand(1, 8)
+    with pytest.raises(RuntimeError, match=r"region_max: `labels` must lie in \[0, num_regions\]"):
+        kd.ops.region_max(x, torch.full((1, 8), 5, dtype=torch.int32), 2)
+    with pytest.raises(RuntimeError, match=r"region_max: `labels` must lie"):
+        kd.ops.region_max(x, torch.full((1, 8), -1, dtype=torch.int64), 2)
+    xn = x.clone()
+    xn[0, 3] = float("nan")
+    with pytest.raises(RuntimeError, match=r"`input` must not be NaN inside a region"):
+        kd.ops.region_max(xn, torch.ones(1, 8, dtype=torch.int32), 1)
+    kd.ops.region_max(xn, torch.zeros(1, 8, dtype=torch.int32), 1)  # NaN in the background is fine
+    for M in (3, 40):  # split and block kernels
+        p = torch.rand(2, 10, dtype=torch.float64)
+        p[1, 4] = 1.5
+        with pytest.raises(RuntimeError, match=r"poisson_binomial: `probs` must not be NaN"):
+            kd.ops.poisson_binomial(p, M, False, False)
+        with pytest.raises(RuntimeError, match=r"poisson_binomial: `probs` must not be NaN"):
+            kd.ops._poisson_binomial_backward(torch.ones(2, M + 1, dtype=torch.float64), p, M, True, False)
+        p[1, 4] = float("nan")
+        with pytest.raises(RuntimeError, match=r"poisson_binomial: `probs` must not be NaN"):
+            kd.ops.poisson_binomial(p, M, True, True)
+        p[1, 4] = 7.0  # a logit may be anything finite
+        kd.ops.poisson_binomial(p, M, False, True)
+
+
+@requires_ops
+def test_zero_size_launches(kernel_device):
+    kd = kernel_device
+    for M in (0, 3, 40):
+        for log_space in (False, True):
+            out = kd.ops.poisson_binomial(kd.to(torch.rand(0, 7, dtype=torch.float64)), M, log_space, False)
+            assert out.shape == (0, M + 1)
+            out = kd.ops.poisson_binomial(kd.to(torch.rand(3, 0, dtype=torch.float64)), M, log_space, False).cpu()
+            exp = ops.poisson_binomial(torch.rand(3, 0, dtype=torch.float64), M, log_space, False)
+            assert torch.equal(out, exp)
+            g = kd.ops._poisson_binomial_backward(kd.to(torch.ones(3, M + 1, dtype=torch.float64)),
+                                                  kd.to(torch.rand(3, 0, dtype=torch.float64)), M, log_space, False)
+            assert g.shape == (3, 0)
+            g = kd.ops._poisson_binomial_backward(kd.to(torch.ones(0, M + 1, dtype=torch.float64)),
+                                                  kd.to(torch.rand(0, 5, dtype=torch.float64)), M, log_space, False)
+            assert g.shape == (0, 5)
+    # an item without foreground between items with foreground
+    x = torch.rand(3, 6, 7, 8)
+    x[1] = 0
+    got = kd.ops.label(kd.to(x), 0.5, 26, 0)
+    exp = ops.label(x, 0.5, 26, 0)
+    assert int(got[1][1]) == 0 and torch.equal(got[0].cpu(), exp[0]) and torch.equal(got[1].cpu(), exp[1])
+
+
+@requires_ops
+def test_long_batch_beyond_grid_y(kernel_device):
+    """More items than gridDim.y allows (65535): the kernels stride over the batch."""
+    kd = kernel_device
+    B = 65535 + 70
+    gen = torch.Generator().manual_seed(2)
+    x = torch.rand(B, 2, 3, generator=gen)
+    lab, num = kd.ops.label(kd.to(x), 0.5, 8, 0)
+    exp_lab, exp_num = ops.label(x, 0.5, 8, 0)
+    assert torch.equal(lab.cpu(), exp_lab) and torch.equal(num.cpu(), exp_num)
+    R = int(exp_num.max())
+    v, i = kd.ops.region_max(kd.to(x), kd.to(exp_lab), R)
+    ev, ei = ops.region_max(x, exp_lab, R)
+    assert torch.equal(i.cpu(), ei) and torch.equal(v.cpu(), ev)
+    p = torch.rand(B, 3, generator=gen, dtype=torch.float64)
+    for M in (2, 20):
+        torch.testing.assert_close(kd.ops.poisson_binomial(kd.to(p), M, False, False).cpu(),
+                                   ops.poisson_binomial(p, M, False, False), rtol=1e-12, atol=1e-12)
+
+
+@requires_ops
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_non_contiguous_inputs(kernel_device, dtype):
+    kd = kernel_device
+    gen = torch.Generator().manual_seed(4)
+    x = torch.rand(2, 9, 8, 7, generator=gen).to(dtype).permute(0, 3, 1, 2)  # (2, 7, 9, 8), strided
+    lab = _regions(2, (8, 9, 7), 6, gen).permute(0, 3, 2, 1)
+    assert not x.is_contiguous() and not lab.is_contiguous()
+    v, i = kd.ops.region_max(kd.to(x), kd.to(lab), 6)
+    ev, ei = ops.region_max(x, lab, 6)
+    assert torch.equal(i.cpu(), ei) and torch.equal(v.cpu(), ev)
+    p = torch.rand(30, 4, generator=gen, dtype=torch.float64).to(dtype).t()  # (4, 30), strided
+    for M in (3, 30):
+        torch.testing.assert_close(kd.ops.poisson_binomial(kd.to(p), M, True, False).cpu().double(),
+                                   ops.poisson_binomial(p, M, True, False).double(), rtol=1e-3, atol=1e-6)
+
+
+@requires_ops
+@pytest.mark.parametrize("K", [1, 31, 33, 1000, 5000])
+@pytest.mark.parametrize("M", [1, 7, 15, 16, 200])
+def test_poisson_binomial_split_and_block_kernels(kernel_device, K, M):
+    """M + 1 <= 16 takes the warp-split kernel (chunks of K/32 per lane), larger M the block kernel;
+    K below, at and above a warp, up to thousands of candidates; forward, log and backward."""
+    if M > K + 16 or (K == 5000 and M == 200 and kernel_device.emulated):
+        pytest.skip("covered by neighbouring cases")
+    kd = kernel_device
+    gen = torch.Generator().manual_seed(K + 1000 * M)
+    p = _pb_inputs(2, K, gen, False)
+    for log_space in (False, True):
+        exp = ops.poisson_binomial(p, M, log_space, False)
+        got = kd.ops.poisson_binomial(kd.to(p), M, log_space, False).cpu()
+        if log_space:
+            torch.testing.assert_close(got.exp(), exp.exp(), rtol=1e-11, atol=1e-12)
+        else:
+            torch.testing.assert_close(got, exp, rtol=1e-11, atol=1e-12)
+        w = torch.randn(2, M + 1, generator=gen, dtype=torch.float64)
+        if log_space:
+            w = torch.where(torch.isfinite(exp), w, 0.0)
+        g_exp = ops._poisson_binomial_backward(w, p, M, log_space, False)
+        g_got = kd.ops._poisson_binomial_backward(kd.to(w), kd.to(p), M, log_space, False).cpu()
+        scale = float(g_exp.abs().max().clamp_min(1.0))
+        torch.testing.assert_close(g_got, g_exp, rtol=1e-9, atol=1e-10 * scale)
