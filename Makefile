@@ -16,8 +16,10 @@ $(VENV)/.deps: requirements-dev.txt
 
 env: $(VENV)/.deps
 
-$(VENV)/.built: $(VENV)/.deps pyproject.toml CMakeLists.txt $(shell find csrc python -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.py' 2>/dev/null)
-	$(PY) -m pip install -q --no-build-isolation -e .
+# LESIONCOUNT_CUDA_ON_CPU=ON also builds _C_cuda_cpu: the CUDA kernels on the CPU test runtime of
+# tests/cuda_cpu, so that `make test` runs the CUDA tests without a GPU.
+$(VENV)/.built: $(VENV)/.deps pyproject.toml CMakeLists.txt $(shell find csrc python tests/cuda_cpu -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.py' 2>/dev/null)
+	LESIONCOUNT_CUDA_ON_CPU=ON $(PY) -m pip install -q --no-build-isolation -e .
 	touch $@
 
 build: $(VENV)/.built
@@ -25,8 +27,9 @@ build: $(VENV)/.built
 demo: build
 	$(VENV)/bin/lesioncount demo
 
+# LESIONCOUNT_REQUIRE_CUDA_ON_CPU=1: the CUDA tests fail (not skip) if _C_cuda_cpu is missing.
 test: build
-	$(PY) -m pytest -q tests
+	LESIONCOUNT_REQUIRE_CUDA_ON_CPU=1 $(PY) -m pytest -q tests
 
 bench: build
 	$(PY) -m pytest -q benchmarks/bench_label.py benchmarks/bench_count.py --benchmark-json=out/bench.json

@@ -554,3 +554,35 @@ def test_poisson_binomial_split_and_block_kernels(kernel_device, K, M):
         g_got = kd.ops._poisson_binomial_backward(kd.to(w), kd.to(p), M, log_space, False).cpu()
         scale = float(g_exp.abs().max().clamp_min(1.0))
         torch.testing.assert_close(g_got, g_exp, rtol=1e-9, atol=1e-10 * scale)
+
+
+@requires_ops
+@pytest.mark.parametrize("from_logits", [False, True])
+def test_count_distribution_static_max_lesions_and_backward(kernel_device, from_logits):
+    """The training path of a GPU user: static max_lesions (no host sync; region_max over the
+    data-free component bound, then top-k), the count loss and its sparse gradient."""
+    import lesioncount
+
+    kd = kernel_device
+    probs, counts = _realistic(B=3, shape=(12, 40, 40))
+    x = torch.logit(probs.clamp(1e-6, 1 - 1e-6)) if from_logits else probs
+    target = counts.clamp(max=4)
+
+    def run(t, max_lesions):
+        t = t.clone().requires_grad_(True)
+        r = lesioncount.count_distribution(t, max_count=4, max_lesions=max_lesions, from_logits=from_logits)
+        loss = -r.log_pmf.gather(1, r.pmf.new_tensor(target, dtype=torch.long).view(-1, 1)).sum()
+        (g,) = torch.autograd.grad(loss, t)
+        return r, g
+
+    for max_lesions in (None, 2, 64):
+        r_cpu, g_cpu = run(x, max_lesions)
+        with kd.active():
+            r_dev, g_dev = run(kd.to(x), max_lesions)
+        assert torch.equal(r_dev.truncated.cpu(), r_cpu.truncated)
+        assert torch.equal(r_dev.argmax.cpu(), r_cpu.argmax) and torch.equal(r_dev.lesion_ids.cpu(), r_cpu.lesion_ids)
+        torch.testing.assert_close(r_dev.pmf.cpu(), r_cpu.pmf, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(g_dev.cpu(), g_cpu, rtol=1e-5, atol=1e-7)
+        assert int((g_dev != 0).sum()) <= int((r_cpu.argmax >= 0).sum())  # sparse: one voxel per lesion
+        if max_lesions == 2:  # the phantom has more candidates than that: flagged, not dropped silently
+            assert bool(r_cpu.truncated.any())
