@@ -14,6 +14,8 @@ _EXTRA_FOR_MODULE = {
     "tqdm": ("io", "tqdm"),
     "torch.utils.tensorboard": ("train", "tensorboard"),
     "nilearn": ("anatomy", "nilearn"),
+    "nnunetv2": ("nnunet", "nnunetv2"),
+    "monai": ("monai", "monai"),
 }
 
 

@@ -1,13 +1,48 @@
 """Count loss: negative log-likelihood of the true lesion count under the count distribution."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .counting import count_distribution
 
-__all__ = ["CountLoss", "count_nll"]
+__all__ = ["CountLoss", "count_nll", "count_weight_schedule"]
 
 _REDUCTIONS = ("mean", "sum", "none")
+
+
+def count_weight_schedule(epoch: int, w1: float = 1e-3, w2: float = 0.06, pretrain_epochs: int = 0,
+                          max_weight: float | None = None) -> float:
+    """The paper's count-loss weight: 0 before ``pretrain_epochs``, then ``w1 * exp(w2 * (epoch - pretrain_epochs))``.
+
+    Epochs count from 0. ``max_weight`` caps the weight (``None``: uncapped, as in the paper, whose
+    runs were short; over nnU-Net's 1000 epochs an uncapped weight would reach ~1e20).
+
+    Example:
+        >>> count_weight_schedule(4, pretrain_epochs=5), count_weight_schedule(5, pretrain_epochs=5)
+        (0.0, 0.001)
+        >>> count_weight_schedule(500, pretrain_epochs=5, max_weight=1.0)
+        1.0
+    """
+    for name, value in (("w1", w1), ("w2", w2)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"`{name}` must be a finite number, got {value!r}")
+    if w1 < 0:
+        raise ValueError(f"`w1` must be >= 0, got {w1}")
+    for name, value in (("epoch", epoch), ("pretrain_epochs", pretrain_epochs)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"`{name}` must be an int >= 0, got {value!r}")
+    if max_weight is not None and (isinstance(max_weight, bool) or not isinstance(max_weight, (int, float))
+                                   or not max_weight >= 0):
+        raise ValueError(f"`max_weight` must be None or a number >= 0, got {max_weight!r}")
+    if epoch < pretrain_epochs or w1 == 0:
+        return 0.0
+    exponent = w2 * (epoch - pretrain_epochs)
+    weight = math.inf if exponent > 700 else w1 * math.exp(exponent)
+    if max_weight is not None:
+        weight = min(weight, float(max_weight))
+    return float(weight)
 
 
 def count_nll(log_pmf: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

@@ -1,0 +1,40 @@
+"""nnU-Net v2 integration: a trainer that adds the paper's count term to nnU-Net's own loss.
+
+``pip install 'lesioncount[nnunet]'`` (nnunetv2). The trainer class :class:`nnUNetTrainerCount`
+lives in :mod:`lesioncount.nnunet.trainer` and is imported lazily here, so that
+:func:`write_phantom_dataset` (which needs only nibabel) works without nnU-Net installed.
+
+Selecting the trainer (nnU-Net finds trainers by class name):
+
+- ``lesioncount nnunet-train DATASET CONFIG FOLD [nnUNetv2_train flags] [--count-* flags]``:
+  runs nnU-Net's own ``run_training`` with ``-tr nnUNetTrainerCount`` (no edit of nnU-Net);
+- ``export nnUNet_extTrainer=$(lesioncount nnunet-trainer-dir)`` then the usual
+  ``nnUNetv2_train DATASET CONFIG FOLD -tr nnUNetTrainerCount`` and
+  ``nnUNetv2_predict ... -tr nnUNetTrainerCount`` (nnU-Net >= 2.6 searches that folder);
+- or copy ``lesioncount/nnunet/trainers/lesioncount_trainers.py`` (a 3-line re-export) into
+  ``nnunetv2/training/nnUNetTrainer/variants/``.
+
+Example:
+    >>> from lesioncount.nnunet import nnUNetTrainerCount, TRAINER_DIR   # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import pathlib
+
+from .options import COUNT_LOG_KEYS, COUNT_OPTIONS, CountOptionError
+from .phantom_dataset import write_phantom_dataset
+
+#: Folder to put in ``nnUNet_extTrainer`` so that ``nnUNetv2_train -tr nnUNetTrainerCount`` finds the trainer.
+TRAINER_DIR = pathlib.Path(__file__).resolve().parent / "trainers"
+
+__all__ = ["TRAINER_DIR", "COUNT_LOG_KEYS", "COUNT_OPTIONS", "CountOptionError", "nnUNetTrainerCount", "write_phantom_dataset"]
+
+_LAZY = ("nnUNetTrainerCount",)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
