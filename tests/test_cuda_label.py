@@ -274,3 +274,43 @@ def test_cuda_wide_item():
     exp_labels, exp_num = torch.ops.lesioncount.label(x.cpu(), 0.5, 6, 0)
     assert torch.equal(num.cpu(), exp_num)
     assert torch.equal(labels, exp_labels.cuda())
+
+
+@pytest.fixture
+def emulation_settings(cuda_on_cpu):
+    """Restores the runtime's defaults after a test that changes them."""
+    yield torch.ops.lesioncount_cuda_cpu._configure
+    torch.ops.lesioncount_cuda_cpu._configure(2, 1, 0.1, 0)
+
+
+@pytest.mark.parametrize("rank,conn", ALL_CONNECTIVITIES)
+def test_cuda_int64_label_path(cuda_on_cpu, emulation_settings, rank, conn):
+    """The int64 path (items of >= 2^31 voxels on a GPU) forced on small inputs: int64 labels,
+    indices and union-find, same numbering; with and without the min_size filter."""
+    rng = make_rng(conn)
+    shape = (2, 9, 14, 13) if rank == 3 else (3, 31, 29)
+    x, _ = random_probs(rng, shape, 0.45)
+    emulation_settings(wide_labels=1)
+    for min_size in (0, 3):
+        exp = torch.ops.lesioncount.label(x, 0.1, conn, min_size)
+        got = cuda_on_cpu.ops.label(x, 0.1, conn, min_size)
+        assert got[0].dtype == torch.int64
+        assert torch.equal(got[0], exp[0].to(torch.int64)) and torch.equal(got[1], exp[1])
+
+
+@pytest.mark.parametrize("conn", [6, 18, 26])
+def test_cuda_label_under_other_schedules(cuda_on_cpu, emulation_settings, conn):
+    """The merge phase's concurrent unions under other block orders, host-thread counts and
+    intra-block interleavings (every atomic yields with probability 1/2): the result never changes."""
+    from lesioncount import synthetic
+
+    x = synthetic.noise_volume(2, (12, 40, 36), density=0.5, seed=conn)
+    exp = torch.ops.lesioncount.label(x, 0.1, conn, 2)
+    before = cuda_on_cpu.stats()
+    for workers, seed in ((1, 0), (3, 1), (4, 2), (2, 3)):
+        emulation_settings(workers, seed, 0.5)
+        got = cuda_on_cpu.ops.label(x, 0.1, conn, 2)
+        assert torch.equal(got[0], exp[0]) and torch.equal(got[1], exp[1])
+    after = cuda_on_cpu.stats()
+    assert after["launches"] - before["launches"] >= 4 * 7  # every phase ran as its own launch
+    assert after["switches"] > before["switches"] + after["threads"] - before["threads"]  # threads interleaved

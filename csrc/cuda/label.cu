@@ -17,6 +17,9 @@
 #include "common/block_union_find.h"
 #include "cuda/kernel_launch.h"
 #include "cuda/label_launch.h"
+#if defined(LESIONCOUNT_CUDA_ON_CPU)
+#include "emulation_api.h"
+#endif
 
 namespace lesioncount {
 namespace cuda {
@@ -294,7 +297,13 @@ cudaError_t launch_conn(const LabelShape& s, const void* input, LabelInputType t
 
 }  // namespace
 
-bool label_is_wide(const LabelShape& s) { return s.depth * s.height * s.width >= (int64_t(1) << 31); }
+bool label_is_wide(const LabelShape& s) {
+#if defined(LESIONCOUNT_CUDA_ON_CPU)
+  // the CUDA-on-CPU tests run the int64 path on small inputs too (lesioncount_cuda_cpu::_configure)
+  if (::lc_cpu::force_wide_labels()) return true;
+#endif
+  return s.depth * s.height * s.width >= (int64_t(1) << 31);
+}
 
 size_t label_workspace_bytes(const LabelShape& s) { return make_layout(s).total; }
 

@@ -17,4 +17,9 @@ struct Stats {
 void configure(int workers, long long seed, double yield_probability);
 Stats stats();
 
+// When set, the labeler takes its int64 path (int64 labels and indices) for every input, not only
+// for items of >= 2^31 voxels, so that path runs in the tests (set through _configure).
+bool force_wide_labels();
+void set_force_wide_labels(bool on);
+
 }  // namespace lc_cpu

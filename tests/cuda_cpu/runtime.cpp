@@ -654,6 +654,12 @@ void configure(int workers, long long seed, double yield_probability) {
   if (yield_probability >= 0) c.yield_probability = yield_probability;
 }
 
+namespace {
+std::atomic<bool> wide_labels{false};
+}
+bool force_wide_labels() { return wide_labels.load(std::memory_order_relaxed); }
+void set_force_wide_labels(bool on) { wide_labels.store(on); }
+
 Stats stats() {
   return Stats{stat_launches.load(), stat_blocks.load(), stat_threads.load(), stat_switches.load(), config().workers,
                static_cast<long long>(config().seed), config().yield_probability};
