@@ -135,7 +135,7 @@ def _skip_reason(kd: KernelDevice) -> str | None:
     return None
 
 
-@pytest.fixture(params=[CUDA, CUDA_ON_CPU], ids=lambda kd: kd.name)
+@pytest.fixture(params=[pytest.param(CUDA, marks=pytest.mark.cuda, id="cuda"), pytest.param(CUDA_ON_CPU, id="cuda-on-cpu")])
 def kernel_device(request) -> KernelDevice:
     kd = request.param
     reason = _skip_reason(kd)
