@@ -243,11 +243,9 @@ def test_label_opcheck():
 
 
 @requires_ops
-@requires_cuda
-@pytest.mark.cuda
 @pytest.mark.parametrize("rank,conn", ALL_CONNECTIVITIES)
 @pytest.mark.parametrize("dtype", LABEL_DTYPES, ids=str)
-def test_label_cuda_matches_cpu(rank, conn, dtype):
+def test_label_cuda_matches_cpu(kernel_device, rank, conn, dtype):
     rng = make_rng(conn)
     shapes = ODD_SHAPES_3D + [(2, 33, 31, 29)] if rank == 3 else ODD_SHAPES_2D + [(2, 130, 67)]
     for density in (0.0, 0.2, 0.5, 0.8, 1.0):
@@ -256,20 +254,20 @@ def test_label_cuda_matches_cpu(rank, conn, dtype):
             x = binary_to_dtype(fg, dtype, rng=rng)
             for min_size in (0, 3):
                 cpu = lc.label(x, 0.1, conn, min_size)
-                gpu = lc.label(x.cuda(), 0.1, conn, min_size)
-                assert gpu[0].is_cuda and gpu[1].is_cuda
+                with kernel_device.active():
+                    gpu = lc.label(kernel_device.to(x), 0.1, conn, min_size)
+                assert kernel_device.is_on(gpu[0]) and kernel_device.is_on(gpu[1])
                 assert torch.equal(gpu[0].cpu(), cpu[0])
                 assert torch.equal(gpu[1].cpu(), cpu[1])
 
 
 @requires_ops
-@requires_cuda
-@pytest.mark.cuda
-def test_label_cuda_opcheck():
+def test_label_cuda_opcheck(kernel_device):
     rng = make_rng(3)
     for shape, conn in [((2, 4, 5, 6), 26), ((2, 4, 5, 6), 18), ((2, 4, 5, 6), 6), ((2, 7, 9), 8), ((2, 7, 9), 4)]:
         x, _ = random_probs(rng, shape, 0.4)
-        torch.library.opcheck(torch.ops.lesioncount.label.default, (x.cuda(), 0.1, conn, 0))
+        with kernel_device.active():
+            torch.library.opcheck(torch.ops.lesioncount.label.default, (kernel_device.to(x), 0.1, conn, 0))
 
 
 @pytest.mark.parametrize("rank,conn", ALL_CONNECTIVITIES)

@@ -204,10 +204,8 @@ def test_region_max_opcheck():
 
 
 @requires_ops
-@requires_cuda
-@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-def test_region_max_cuda_matches_cpu(dtype):
+def test_region_max_cuda_matches_cpu(kernel_device, dtype):
     rng = make_rng(14)
     for shape in [(3, 5, 6, 7), (1, 40, 41, 39), (4, 33, 17)]:
         for levels in (1, 4, 1000):
@@ -215,11 +213,13 @@ def test_region_max_cuda_matches_cpu(dtype):
             labels, num = lc.label(x, 0.3, 26 if len(shape) == 4 else 8)
             R = int(num.max()) + 2
             cpu = lc.region_max(x, labels, R)
-            gpu = lc.region_max(x.cuda(), labels.cuda(), R)
+            with kernel_device.active():
+                gpu = lc.region_max(kernel_device.to(x), kernel_device.to(labels), R)
             _assert_bitwise(gpu, cpu)
-    x = _unique_probs(15, (2, 4, 5, 6)).cuda().requires_grad_(True)
-    labels, num = lc.label(x.detach(), 0.1, 6)
-    torch.autograd.gradcheck(lambda t: lc.region_max(t, labels, int(num.max()))[0], (x,))
+    x = kernel_device.to(_unique_probs(15, (2, 4, 5, 6))).requires_grad_(True)
+    with kernel_device.active():
+        labels, num = lc.label(x.detach(), 0.1, 6)
+        torch.autograd.gradcheck(lambda t: lc.region_max(t, labels, int(num.max()))[0], (x,))
 
 
 def test_region_max_non_contiguous_and_5d():
