@@ -586,3 +586,27 @@ def test_count_distribution_static_max_lesions_and_backward(kernel_device, from_
         assert int((g_dev != 0).sum()) <= int((r_cpu.argmax >= 0).sum())  # sparse: one voxel per lesion
         if max_lesions == 2:  # the phantom has more candidates than that: flagged, not dropped silently
             assert bool(r_cpu.truncated.any())
+
+
+@requires_ops
+def test_static_max_lesions_ties_keep_the_smaller_labels(kernel_device):
+    """Defect fixed (counting.py, CUDA path of count_distribution(max_lesions=k)): torch.topk chose
+    among equal maxima arbitrarily, so the kept candidates (and the voxels receiving the gradient)
+    differed from the CPU's _region_topk, which keeps the smaller labels. Now a stable sort."""
+    import lesioncount
+
+    x = torch.zeros(2, 5, 30, 30)
+    vals = [0.5] * 12
+    vals[3], vals[8] = 0.9, 0.7
+    for i, v in enumerate(vals):  # 12 separate one-voxel lesions, ten of them tied
+        x[:, 2, 6 * (i // 6) + 1, 4 * (i % 6) + 1] = v
+    for max_lesions in (1, 3, 5, 11, 20):
+        r_cpu = lesioncount.count_distribution(x, max_count=4, max_lesions=max_lesions)
+        with kernel_device.active():
+            r_dev = lesioncount.count_distribution(kernel_device.to(x), max_count=4, max_lesions=max_lesions)
+        assert torch.equal(r_dev.lesion_ids.cpu(), r_cpu.lesion_ids), max_lesions
+        assert torch.equal(r_dev.argmax.cpu(), r_cpu.argmax)
+        assert torch.equal(r_dev.truncated.cpu(), r_cpu.truncated)
+        torch.testing.assert_close(r_dev.pmf.cpu(), r_cpu.pmf)
+        if max_lesions == 3:  # the two distinct maxima (labels 4 and 9) and the smallest tied label
+            assert r_dev.lesion_ids[0].tolist() == [1, 4, 9]

@@ -156,8 +156,11 @@ def count_distribution(
         present_all = argmax_all >= 0
         key = torch.where(present_all, values_all.detach(), torch.full((), -math.inf, dtype=x.dtype, device=x.device))
         k = min(max_lesions, bound)
-        _, top = torch.topk(key, k, dim=1)
-        top, _ = torch.sort(top, dim=1)  # keep label order among the kept candidates
+        # The k largest maxima with ties to the smaller label, as _region_topk on the CPU: a stable
+        # descending sort (torch.topk picks among equal values arbitrarily, so the kept candidates,
+        # their argmax voxels and the gradient's voxels would differ from the CPU's).
+        _, order = torch.sort(key, dim=1, descending=True, stable=True)
+        top, _ = torch.sort(order[:, :k], dim=1)  # keep label order among the kept candidates
         values = torch.gather(values_all, 1, top)
         argmax = torch.gather(argmax_all, 1, top)
         ids = top + 1
