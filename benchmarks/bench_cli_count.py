@@ -216,6 +216,7 @@ def main(argv=None) -> int:
         print(header)
         print("-" * len(header))
         walls: dict = {v: [] for v in variants}
+        cpus: dict = {v: [] for v in variants}
         expected = None
         for rep in range(args.repeats):
             for backend, workers in variants:
@@ -228,6 +229,7 @@ def main(argv=None) -> int:
                     raise AssertionError(f"gzip={backend} workers={workers}: CASE.json differs from the first "
                                          f"variant's (timings aside) for {differ[:5]}")
                 walls[(backend, workers)].append(r["wall"])
+                cpus[(backend, workers)].append(r["cpu"])
                 med = {k: statistics.median(r[k]) for k in STAGES}
                 tot = {k: sum(r[k]) for k in STAGES}
                 print(f"{backend:>7} {workers:>7} {rep:>3} {r['wall']:>7.2f} {r['cpu']:>6.2f} {n / r['wall']:>6.1f} | "
@@ -242,7 +244,8 @@ def main(argv=None) -> int:
         zlib_best = max((r for (b, _), r in rate.items() if b == "zlib"), default=None)
         floor_rate = n / statistics.median(floors[cores])
         for (backend, workers), r in rate.items():
-            line = f"gzip={backend:<7} workers={workers}: {r:6.2f} cases/s (median wall {n / r:.2f} s)"
+            line = (f"gzip={backend:<7} workers={workers}: {r:6.2f} cases/s (median wall {n / r:.2f} s, "
+                    f"CPU {statistics.median(cpus[(backend, workers)]) / n * 1e3:5.1f} ms/case)")
             if zlib_serial:
                 line += f"; {r / zlib_serial:4.2f}x zlib serial"
             if zlib_best:
