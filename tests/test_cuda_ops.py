@@ -402,7 +402,10 @@ _BAD_INPUT_SCRIPT = textwrap.dedent(
     import sys, torch, lesioncount
     ops = torch.ops.lesioncount
     kind = sys.argv[1]
-    if kind == "label":
+    if kind == "nan-label":
+        x = torch.rand(2, 4, 5, 6, device="cuda"); x[1, 2, 3, 4] = float("nan")
+        out = lesioncount.label(x, 0.5, 26)
+    elif kind == "label":
         x = torch.rand(1, 8, device="cuda"); lab = torch.full((1, 8), 5, dtype=torch.int32, device="cuda")
         out = ops.region_max(x, lab, 2)
     elif kind == "nan":
@@ -423,7 +426,7 @@ _BAD_INPUT_SCRIPT = textwrap.dedent(
 
 @pytest.mark.cuda
 @requires_cuda_kernels
-@pytest.mark.parametrize("kind", ["label", "nan", "probs"])
+@pytest.mark.parametrize("kind", ["label", "nan", "probs", "nan-label"])
 def test_bad_inputs_raise_asynchronously(kind):
     # a device-side assertion poisons the CUDA context: run it in a subprocess
     env = dict(os.environ)
@@ -610,3 +613,22 @@ def test_static_max_lesions_ties_keep_the_smaller_labels(kernel_device):
         torch.testing.assert_close(r_dev.pmf.cpu(), r_cpu.pmf)
         if max_lesions == 3:  # the two distinct maxima (labels 4 and 9) and the smallest tied label
             assert r_dev.lesion_ids[0].tolist() == [1, 4, 9]
+
+
+@requires_ops
+def test_public_label_rejects_nan_on_the_kernel_device(kernel_device):
+    """Defect fixed (ops.py, lesioncount.label on CUDA): the CUDA labeler marks an item with NaN by
+    num = -1 and all-zero labels; the public function returned that silently. It now asserts on the
+    device (asynchronously on a GPU: see test_bad_inputs_raise_asynchronously)."""
+    import lesioncount
+
+    if not kernel_device.emulated:
+        pytest.skip("a device-side assertion poisons the CUDA context: covered in a subprocess")
+    x = torch.rand(3, 6, 7, 8)
+    x[1, 2, 3, 4] = float("nan")
+    with kernel_device.active():
+        labels, num = kernel_device.ops.label(x, 0.5, 26, 0)  # the op itself reports, never raises
+        assert num.tolist()[1] == -1
+        with pytest.raises(RuntimeError, match="label: `input` contains NaN"):
+            lesioncount.label(x, 0.5, 26)
+        lesioncount.label(x[[0, 2]], 0.5, 26)  # clean items pass

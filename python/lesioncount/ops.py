@@ -57,7 +57,15 @@ def label(input: torch.Tensor, threshold: float = 0.1, connectivity: int = 18, m
     threshold = check_threshold(threshold, probability=False)
     check_nonneg_int(min_size, "min_size")
     if _use_compiled("label", x):
-        return torch.ops.lesioncount.label(x, threshold, connectivity, min_size)
+        labels, num = torch.ops.lesioncount.label(x, threshold, connectivity, min_size)
+        if x.is_floating_point() and not torch.compiler.is_compiling():
+            # The CUDA labeler cannot raise without a host sync: it marks an item containing NaN
+            # with num = -1 (and all-zero labels). This assertion turns that into an error instead
+            # of a silent wrong answer: on the GPU asynchronously (a device-side assertion, at the
+            # next synchronising call; safe under CUDA-graph capture), on the CPU at once (where
+            # the kernel has raised already, so it never fires).
+            torch._assert_async((num >= 0).all(), "label: `input` contains NaN")
+        return labels, num
     if not tracing() and x.is_floating_point() and x.numel() and bool(torch.isnan(x).any()):
         raise ValueError("`input` contains NaN")
     return _reference.label(x, threshold, connectivity, min_size)
