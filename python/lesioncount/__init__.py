@@ -12,7 +12,7 @@ Example:
 """
 from ._ops import has_ops
 from .counting import CountResult, cc_count, count_distribution
-from .losses import CountLoss, count_nll
+from .losses import CountLoss, count_nll, count_weight_schedule
 from .ops import label, poisson_binomial, region_max
 
 __version__ = "0.1.0"
@@ -23,6 +23,7 @@ __all__ = [
     "cc_count",
     "count_distribution",
     "count_nll",
+    "count_weight_schedule",
     "has_ops",
     "label",
     "poisson_binomial",
