@@ -632,3 +632,27 @@ def test_public_label_rejects_nan_on_the_kernel_device(kernel_device):
         with pytest.raises(RuntimeError, match="label: `input` contains NaN"):
             lesioncount.label(x, 0.5, 26)
         lesioncount.label(x[[0, 2]], 0.5, 26)  # clean items pass
+
+
+@requires_ops
+@pytest.mark.parametrize("M", [1, 4, 15, 40])
+@pytest.mark.parametrize("mode", ["linear", "log", "logits", "logits-log"])
+def test_zero_padding_is_exact_on_the_kernel_device(kernel_device, M, mode):
+    """Defect fixed (poisson_binomial.cu, split kernel): zero padding changed the pmf in the last
+    bits, because padding moved candidates between the warp's chunks and so regrouped the chunk
+    products (count_distribution pads with zeros: max_lesions=k vs exact differed). The chunks are
+    now cut over the active candidates. Padding at the end, in the middle and in front."""
+    kd = kernel_device
+    log_space, from_logits = "log" in mode, "logits" in mode
+    gen = torch.Generator().manual_seed(M)
+    pad_value = -math.inf if from_logits else 0.0
+    for K in (7, 45, 300):
+        p = _pb_inputs(3, K, gen, from_logits)
+        if from_logits:
+            p[:, -1] = 0.3  # keep every candidate active in the unpadded input
+        base = kd.ops.poisson_binomial(kd.to(p), M, log_space, from_logits).cpu()
+        for pad in (1, 33, 200):
+            z = torch.full((3, pad), pad_value, dtype=p.dtype)
+            for padded in (torch.cat([p, z], 1), torch.cat([z, p], 1), torch.cat([p[:, :3], z, p[:, 3:]], 1)):
+                got = kd.ops.poisson_binomial(kd.to(padded), M, log_space, from_logits).cpu()
+                assert torch.equal(got, base), (K, pad)

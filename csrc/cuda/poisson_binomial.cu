@@ -88,6 +88,13 @@ __device__ __forceinline__ SignedLog initial_log_adjoint(double g, double lf) {
 
 // ================================ split kernel (M + 1 <= 16) ================================
 
+// A candidate whose step is not the identity (p != 0). p = 0 steps are exact identities in both
+// spaces (q = 1, log q = 0), so skipping them changes no bit.
+template <bool LOG>
+__device__ __forceinline__ bool is_active(const Factors& c) {
+  return LOG ? c.a != neg_inf() : c.a != 0.0;
+}
+
 template <int NB, bool LOG>
 __device__ __forceinline__ void init_state(double (&f)[NB]) {
 #pragma unroll
@@ -160,11 +167,36 @@ __global__ void __launch_bounds__(32 * kPbSplitWarpsPerBlock)
   for (long long item = warp; item < B; item += nwarps) {
     const T* xi = x + item * K;
     const long long k0 = min(K, lane * chunk), k1 = min(K, k0 + chunk);
+    // Zero padding must be exact: a p = 0 candidate is an exact identity step, but where the
+    // candidates sit decides the grouping of the chunk products (and so the rounding). Chunks are
+    // therefore cut over the active (p != 0) candidates only: count them per raw chunk, scan the
+    // counts across the warp, and let lane l take active ranks [l * e, (l + 1) * e).
+    long long active = 0;
+    for (long long k = k0; k < k1; ++k) active += is_active<LOG>(make_factors<LOG>(to_double(xi[k]), from_logits, ok));
+    long long first_rank = active;  // inclusive scan, then exclusive
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const long long y = __shfl_up_sync(kFull, first_rank, d);
+      if (lane >= d) first_rank += y;
+    }
+    const long long total_active = __shfl_sync(kFull, first_rank, 31);
+    first_rank -= active;
+    const long long e = (total_active + 31) / 32;
+    const long long want_begin = min(total_active, lane * e), want_end = min(total_active, want_begin + e);
+    int start_chunk = 0;  // the raw chunk holding active rank want_begin: the last with first_rank <= it
+    for (int src = 0; src < 32; ++src) {
+      const long long r = __shfl_sync(kFull, first_rank, src);
+      if (r <= want_begin) start_chunk = src;
+    }
     double f[NB];
     init_state<NB, LOG>(f);
-    for (long long k = k0; k < k1; ++k) {
-      const Factors c = make_factors<LOG>(to_double(xi[k]), from_logits, ok);
-      step<NB, LOG>(f, M, c.a, c.b);
+    long long rank = __shfl_sync(kFull, first_rank, start_chunk);
+    for (long long k = min(K, start_chunk * chunk); k < K && rank < want_end; ++k) {
+      unsigned char unused = 1;  // invalid inputs were reported by the counting pass
+      const Factors c = make_factors<LOG>(to_double(xi[k]), from_logits, &unused);
+      if (!is_active<LOG>(c)) continue;
+      if (rank >= want_begin) step<NB, LOG>(f, M, c.a, c.b);
+      ++rank;
     }
     for (int d = 1; d < 32; d <<= 1) {
       double o[NB];

@@ -6,7 +6,9 @@
 //
 // Two kernels:
 // - "split" (M + 1 <= 16): one warp per batch item. The K candidates are split into 32 contiguous
-//   chunks; each lane runs the DP of its chunk in registers (chunk-local pmf of M+1 bins), then the
+//   chunks (forward: chunks of equally many active, p != 0, candidates, so that zero padding
+//   anywhere leaves every bit of the pmf unchanged); each lane runs the DP of its chunk in registers
+//   (chunk-local pmf of M+1 bins), then the
 //   32 chunk pmfs are multiplied in a warp tree of truncated convolutions (bins >= M saturate into
 //   the tail, an associative operation). The serial chain is K/32 steps instead of K: large K
 //   (100k candidates) stays fast. Backward: prefix and suffix products across lanes give each
