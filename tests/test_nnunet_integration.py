@@ -89,7 +89,7 @@ def nnunet_env(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
-def _trainer(nnunet_env, fold=0, **options):
+def _trainer(nnunet_env, fold=0, dataset_json=None, **options):
     from batchgenerators.utilities.file_and_folder_operations import load_json
 
     from lesioncount.nnunet import nnUNetTrainerCount
@@ -102,7 +102,7 @@ def _trainer(nnunet_env, fold=0, **options):
     try:
         for attr, value in options.items():
             os.environ[COUNT_OPTIONS[attr][0]] = str(value)
-        return nnUNetTrainerCount(plans, "3d_fullres", fold, load_json(str(pre / "dataset.json")),
+        return nnUNetTrainerCount(plans, "3d_fullres", fold, dataset_json or load_json(str(pre / "dataset.json")),
                                   device=torch.device("cpu"))
     finally:
         for k, v in saved.items():
@@ -199,6 +199,52 @@ def test_count_trainer_bad_options(nnunet_env, options, match):
 def test_count_trainer_labels_by_name(nnunet_env):
     trainer = _trainer(nnunet_env, fold=2, count_labels="lesion")
     assert trainer.count_settings()["lesion_channels"] == [1]
+
+
+def _two_blobs():
+    """(1, 1, 16, 32, 32) label map with lesions around (4, 8, 8) and (10, 20, 20), and logits with
+    one candidate on each (peaks 3.0 and 2.0)."""
+    seg = torch.zeros(1, 1, *SHAPE)
+    seg[0, 0, 3:6, 7:10, 7:10] = 1
+    seg[0, 0, 9:12, 19:22, 19:22] = 1
+    logit = torch.full((1, 1, *SHAPE), -8.0)
+    logit[0, 0, 4, 8, 8] = 3.0
+    logit[0, 0, 10, 20, 20] = 2.0
+    return seg, logit
+
+
+def test_count_term_region_training_uses_the_sigmoid_logit(nnunet_env):
+    from lesioncount.nnunet import CountOptionError
+
+    meta = {"channel_names": {"0": "T1c", "1": "FLAIR"}, "labels": {"background": 0, "whole": [1, 2], "core": 2},
+            "regions_class_order": [1, 2], "numTraining": 6, "file_ending": ".nii.gz"}
+    with pytest.raises(CountOptionError, match="2 regions"):
+        _trainer(nnunet_env, fold=3, dataset_json=meta)
+    trainer = _trainer(nnunet_env, fold=3, dataset_json=meta, count_labels=0)
+    assert trainer.label_manager.has_regions and trainer.count_settings()["activation"] == "sigmoid"
+    seg, logit = _two_blobs()
+    target = torch.cat([seg, torch.zeros_like(seg)], 1)          # region masks (B, R, ...): whole, core
+    output = torch.cat([logit, torch.full_like(logit, -8.0)], 1)  # one sigmoid logit per region
+    term = trainer.compute_count_term(output, target)
+    assert term.counts.tolist() == [2]
+    p = torch.sigmoid(torch.tensor([3.0, 2.0]))
+    assert float(term.nll[0]) == pytest.approx(float(-(p[0] * p[1]).log()), rel=1e-5)
+    core = _trainer(nnunet_env, fold=3, dataset_json=meta, count_labels=1).compute_count_term(output, target)
+    assert core.counts.tolist() == [0] and int(core.result.num_lesions[0]) == 0
+
+
+def test_count_term_ignore_label_is_masked(nnunet_env):
+    meta = {"channel_names": {"0": "T1c", "1": "FLAIR"}, "labels": {"background": 0, "lesion": 1, "ignore": 2},
+            "numTraining": 6, "file_ending": ".nii.gz"}
+    trainer = _trainer(nnunet_env, fold=3, dataset_json=meta)
+    assert trainer.label_manager.ignore_label == 2
+    seg, logit = _two_blobs()
+    seg[0, 0, 8:13, 18:23, 18:23] = 2  # the second lesion and its candidate lie in the ignored region
+    softmax_logits = torch.cat([torch.zeros_like(logit), logit], 1)  # heads: background, lesion (not ignore)
+    term = trainer.compute_count_term(softmax_logits, seg)
+    assert term.counts.tolist() == [1] and int(term.result.num_lesions[0]) == 1
+    p = torch.sigmoid(torch.tensor(3.0))  # softmax of (0, 3): sigmoid(3)
+    assert float(term.nll[0]) == pytest.approx(float(-p.log()), rel=1e-5)
 
 
 def test_nnunet_train_cli_runs_nnunet_training(nnunet_env):
