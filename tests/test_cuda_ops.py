@@ -212,23 +212,26 @@ def test_poisson_binomial_parity(kernel_device, K, M, mode):
     log_space = "log" in mode
     from_logits = "logits" in mode
     gen = torch.Generator().manual_seed(K * 31 + M)
-    x = _pb_inputs(5, K, gen, from_logits)
+    _assert_pb_parity(kernel_device, _pb_inputs(5, K, gen, from_logits), M, log_space, from_logits, gen)
+
+
+def _assert_pb_parity(kd, x, M, log_space, from_logits, gen, rtol=1e-12):
+    """Forward (pmf to rtol, log-pmf relative) and backward (float64 tolerance) of the kernel
+    device against the CPU kernel, with a random upstream gradient."""
     cpu = ops.poisson_binomial(x, M, log_space, from_logits)
-    gpu = kernel_device.ops.poisson_binomial(kernel_device.to(x), M, log_space, from_logits).cpu()
-    if log_space:  # pmf to 1e-12, log-pmf relative
-        torch.testing.assert_close(gpu.exp(), cpu.exp(), rtol=1e-12, atol=1e-12)
+    gpu = kd.ops.poisson_binomial(kd.to(x), M, log_space, from_logits).cpu()
+    if log_space:
+        torch.testing.assert_close(gpu.exp(), cpu.exp(), rtol=rtol, atol=1e-12)
         finite = torch.isfinite(cpu)
         assert torch.equal(finite, torch.isfinite(gpu))
         torch.testing.assert_close(gpu[finite], cpu[finite], rtol=1e-10, atol=1e-12)
     else:
-        torch.testing.assert_close(gpu, cpu, rtol=1e-12, atol=1e-12)
-    # backward parity
-    w = torch.randn(5, M + 1, generator=gen, dtype=torch.float64)
+        torch.testing.assert_close(gpu, cpu, rtol=rtol, atol=1e-12)
+    w = torch.randn(x.shape[0], M + 1, generator=gen, dtype=torch.float64)
     if log_space:
         w = torch.where(torch.isfinite(cpu), w, 0.0)
     g_cpu = ops._poisson_binomial_backward(w, x, M, log_space, from_logits)
-    g_gpu = kernel_device.ops._poisson_binomial_backward(kernel_device.to(w), kernel_device.to(x), M, log_space,
-                                                         from_logits).cpu()
+    g_gpu = kd.ops._poisson_binomial_backward(kd.to(w), kd.to(x), M, log_space, from_logits).cpu()
     scale = g_cpu.abs().max().clamp_min(1.0) if g_cpu.numel() else 1.0
     torch.testing.assert_close(g_gpu, g_cpu, rtol=1e-9, atol=1e-10 * float(scale))
 
@@ -540,23 +543,10 @@ def test_poisson_binomial_split_and_block_kernels(kernel_device, K, M):
     K below, at and above a warp, up to thousands of candidates; forward, log and backward."""
     if M > K + 16 or (K == 5000 and M == 200 and kernel_device.emulated):
         pytest.skip("covered by neighbouring cases")
-    kd = kernel_device
     gen = torch.Generator().manual_seed(K + 1000 * M)
     p = _pb_inputs(2, K, gen, False)
     for log_space in (False, True):
-        exp = ops.poisson_binomial(p, M, log_space, False)
-        got = kd.ops.poisson_binomial(kd.to(p), M, log_space, False).cpu()
-        if log_space:
-            torch.testing.assert_close(got.exp(), exp.exp(), rtol=1e-11, atol=1e-12)
-        else:
-            torch.testing.assert_close(got, exp, rtol=1e-11, atol=1e-12)
-        w = torch.randn(2, M + 1, generator=gen, dtype=torch.float64)
-        if log_space:
-            w = torch.where(torch.isfinite(exp), w, 0.0)
-        g_exp = ops._poisson_binomial_backward(w, p, M, log_space, False)
-        g_got = kd.ops._poisson_binomial_backward(kd.to(w), kd.to(p), M, log_space, False).cpu()
-        scale = float(g_exp.abs().max().clamp_min(1.0))
-        torch.testing.assert_close(g_got, g_exp, rtol=1e-9, atol=1e-10 * scale)
+        _assert_pb_parity(kernel_device, p, M, log_space, False, gen, rtol=1e-11)
 
 
 @requires_ops
