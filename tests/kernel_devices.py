@@ -27,20 +27,23 @@ import torch
 _EMULATED_OPS = ("label", "region_max", "poisson_binomial", "_poisson_binomial_backward")
 
 
-def _load_emulation() -> bool:
+def _load_emulation() -> tuple[bool, str]:
     try:
         spec = importlib.util.find_spec("lesioncount._C_cuda_cpu")
-    except ImportError:
-        return False
+    except ImportError as exc:
+        return False, f"lesioncount is not importable: {exc}"
     if spec is None or spec.origin is None:
-        return False
-    import lesioncount  # noqa: F401  (loads the main library first: the emulated ops reuse nothing of it)
+        return False, "lesioncount was built without the CUDA-on-CPU test library (LESIONCOUNT_CUDA_ON_CPU=ON)"
+    import lesioncount  # noqa: F401  (the main library first, as in every user process)
 
-    torch.ops.load_library(spec.origin)
-    return hasattr(torch.ops.lesioncount_cuda_cpu, "label")
+    try:
+        torch.ops.load_library(spec.origin)
+    except (OSError, RuntimeError) as exc:
+        return False, f"cannot load {spec.origin}: {exc}"
+    return True, ""
 
 
-HAS_CUDA_ON_CPU = _load_emulation()
+HAS_CUDA_ON_CPU, _CUDA_ON_CPU_PROBLEM = _load_emulation()
 REQUIRE_CUDA_ON_CPU = os.environ.get("LESIONCOUNT_REQUIRE_CUDA_ON_CPU", "") == "1"
 
 
@@ -126,10 +129,10 @@ def _skip_reason(kd: KernelDevice) -> str | None:
             return None
         if REQUIRE_CUDA_ON_CPU:
             pytest.fail(
-                "LESIONCOUNT_REQUIRE_CUDA_ON_CPU=1 but lesioncount._C_cuda_cpu is missing: build with "
-                "LESIONCOUNT_CUDA_ON_CPU=ON pip install --no-build-isolation -e . (make test does)"
+                f"LESIONCOUNT_REQUIRE_CUDA_ON_CPU=1 but the CUDA-on-CPU library is unusable ({_CUDA_ON_CPU_PROBLEM}); "
+                "build with LESIONCOUNT_CUDA_ON_CPU=ON pip install --no-build-isolation -e . (make test does)"
             )
-        return "lesioncount was built without the CUDA-on-CPU test library (LESIONCOUNT_CUDA_ON_CPU=ON)"
+        return _CUDA_ON_CPU_PROBLEM
     if not HAS_REAL_CUDA_KERNELS:
         return "needs a CUDA device and the compiled CUDA kernels of lesioncount"
     return None
