@@ -289,4 +289,4 @@ def one_torch_thread():
 
 
 # CUDA tests run on a real GPU and on the CUDA-on-CPU test runtime (tests/kernel_devices.py).
-from kernel_devices import cuda_on_cpu, kernel_device  # noqa: E402,F401
+from kernel_devices import cuda_on_cpu, emulation_settings, kernel_device  # noqa: E402,F401

@@ -154,3 +154,15 @@ def cuda_on_cpu() -> KernelDevice:
     if reason:
         pytest.skip(reason)
     return CUDA_ON_CPU
+
+
+@pytest.fixture
+def emulation_settings(cuda_on_cpu):
+    """lesioncount_cuda_cpu._configure(workers, seed, yield_probability, large_item_paths) for one
+    test; the runtime's settings are restored afterwards."""
+    before = cuda_on_cpu.stats()
+    yield torch.ops.lesioncount_cuda_cpu._configure
+    torch.ops.lesioncount_cuda_cpu._configure(before["workers"], before["seed"], _DEFAULT_YIELD, 0)
+
+
+_DEFAULT_YIELD = float(os.environ.get("LESIONCOUNT_CUDA_CPU_YIELD_PERCENT", "10")) / 100

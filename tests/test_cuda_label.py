@@ -276,13 +276,6 @@ def test_cuda_wide_item():
     assert torch.equal(labels, exp_labels.cuda())
 
 
-@pytest.fixture
-def emulation_settings(cuda_on_cpu):
-    """Restores the runtime's defaults after a test that changes them."""
-    yield torch.ops.lesioncount_cuda_cpu._configure
-    torch.ops.lesioncount_cuda_cpu._configure(2, 1, 0.1, 0)
-
-
 @pytest.mark.parametrize("rank,conn", ALL_CONNECTIVITIES)
 def test_cuda_int64_label_path(cuda_on_cpu, emulation_settings, rank, conn):
     """The int64 path (items of >= 2^31 voxels on a GPU) forced on small inputs: int64 labels,
@@ -290,7 +283,7 @@ def test_cuda_int64_label_path(cuda_on_cpu, emulation_settings, rank, conn):
     rng = make_rng(conn)
     shape = (2, 9, 14, 13) if rank == 3 else (3, 31, 29)
     x, _ = random_probs(rng, shape, 0.45)
-    emulation_settings(wide_labels=1)
+    emulation_settings(large_item_paths=1)
     for min_size in (0, 3):
         exp = torch.ops.lesioncount.label(x, 0.1, conn, min_size)
         got = cuda_on_cpu.ops.label(x, 0.1, conn, min_size)

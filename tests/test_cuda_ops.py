@@ -646,3 +646,17 @@ def test_zero_padding_is_exact_on_the_kernel_device(kernel_device, M, mode):
             for padded in (torch.cat([p, z], 1), torch.cat([z, p], 1), torch.cat([p[:, :3], z, p[:, 3:]], 1)):
                 got = kd.ops.poisson_binomial(kd.to(padded), M, log_space, from_logits).cpu()
                 assert torch.equal(got, base), (K, pad)
+
+
+@requires_ops
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_region_max_two_pass_path_for_every_dtype(cuda_on_cpu, emulation_settings, dtype):
+    """The two-pass region_max (max value, then first index; on a GPU for items of > 2^32 voxels,
+    and for float64) forced for 16- and 32-bit values too: same values and argmax, ties included."""
+    gen = torch.Generator().manual_seed(8)
+    lab = _regions(3, (6, 17, 19), 25, gen)
+    x = (torch.randint(-3, 6, lab.shape, generator=gen).to(torch.float64) / 2).to(dtype)  # ties
+    exp = ops.region_max(x, lab, 25)
+    emulation_settings(large_item_paths=1)
+    got = cuda_on_cpu.ops.region_max(x, lab, 25)
+    assert torch.equal(got[1], exp[1]) and torch.equal(got[0], exp[0])

@@ -300,7 +300,7 @@ cudaError_t launch_conn(const LabelShape& s, const void* input, LabelInputType t
 bool label_is_wide(const LabelShape& s) {
 #if defined(LESIONCOUNT_CUDA_ON_CPU)
   // the CUDA-on-CPU tests run the int64 path on small inputs too (lesioncount_cuda_cpu::_configure)
-  if (::lc_cpu::force_wide_labels()) return true;
+  if (::lc_cpu::force_large_item_paths()) return true;
 #endif
   return s.depth * s.height * s.width >= (int64_t(1) << 31);
 }

@@ -8,6 +8,9 @@
 #include <cstdint>
 
 #include "common/connectivity.h"  // LC_HOST_DEVICE
+#if defined(LESIONCOUNT_CUDA_ON_CPU)
+#include "emulation_api.h"  // the CUDA-on-CPU tests force the two-pass path on small items too
+#endif
 
 // The CUDA runtime spells the stream type this way; repeating an identical typedef is legal C++.
 typedef struct CUstream_st* cudaStream_t;
@@ -24,6 +27,9 @@ enum class LabelKind : int { kInt32 = 0, kInt64 = 1 };
 // atomicMax of the 64-bit order-preserving value bits, then atomicMin of the flat index among the
 // voxels whose value equals that maximum. Both give the smallest flat index among the maxima.
 LC_HOST_DEVICE inline bool region_max_two_pass(ValueKind kind, long long item_voxels) {
+#if defined(LESIONCOUNT_CUDA_ON_CPU)
+  if (::lc_cpu::force_large_item_paths()) return true;
+#endif
   return kind == ValueKind::kDouble || item_voxels > (1LL << 32);
 }
 

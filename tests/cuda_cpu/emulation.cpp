@@ -1,5 +1,5 @@
 // CUDA-on-CPU test build: torch ops to steer and observe the runtime from the tests.
-//   lesioncount_cuda_cpu::_configure(workers, seed, yield_probability, wide_labels) (negative = unchanged)
+//   lesioncount_cuda_cpu::_configure(workers, seed, yield_probability, large_item_paths) (negative = unchanged)
 //   lesioncount_cuda_cpu::_stats() -> int64 [launches, blocks, threads, context switches, workers, seed]
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -10,12 +10,12 @@
 
 namespace {
 
-void configure(int64_t workers, int64_t seed, double yield_probability, int64_t wide_labels) {
+void configure(int64_t workers, int64_t seed, double yield_probability, int64_t large_item_paths) {
   TORCH_CHECK(workers == -1 || (workers >= 1 && workers <= 64), "_configure: `workers` must be -1 or in [1, 64], got ",
               workers);
   TORCH_CHECK(yield_probability < 0 || yield_probability <= 1, "_configure: `yield_probability` must be <= 1");
   lc_cpu::configure(static_cast<int>(workers), seed, yield_probability);
-  if (wide_labels >= 0) lc_cpu::set_force_wide_labels(wide_labels != 0);
+  if (large_item_paths >= 0) lc_cpu::set_force_large_item_paths(large_item_paths != 0);
 }
 
 at::Tensor stats() {
@@ -28,6 +28,6 @@ at::Tensor stats() {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lesioncount_cuda_cpu, m) {
-  m.def("_configure(int workers=-1, int seed=-1, float yield_probability=-1.0, int wide_labels=-1) -> ()", &configure);
+  m.def("_configure(int workers=-1, int seed=-1, float yield_probability=-1.0, int large_item_paths=-1) -> ()", &configure);
   m.def("_stats() -> Tensor", &stats);
 }

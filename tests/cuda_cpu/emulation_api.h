@@ -17,9 +17,10 @@ struct Stats {
 void configure(int workers, long long seed, double yield_probability);
 Stats stats();
 
-// When set, the labeler takes its int64 path (int64 labels and indices) for every input, not only
-// for items of >= 2^31 voxels, so that path runs in the tests (set through _configure).
-bool force_wide_labels();
-void set_force_wide_labels(bool on);
+// When set, the kernels take the paths meant for huge items on every input, so that those paths run
+// in the tests (set through _configure): the labeler its int64 path (items of >= 2^31 voxels),
+// region_max its two-pass path (items of > 2^32 voxels) for 16- and 32-bit values too.
+bool force_large_item_paths();
+void set_force_large_item_paths(bool on);
 
 }  // namespace lc_cpu

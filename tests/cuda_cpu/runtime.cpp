@@ -655,10 +655,10 @@ void configure(int workers, long long seed, double yield_probability) {
 }
 
 namespace {
-std::atomic<bool> wide_labels{false};
+std::atomic<bool> large_item_paths{false};
 }
-bool force_wide_labels() { return wide_labels.load(std::memory_order_relaxed); }
-void set_force_wide_labels(bool on) { wide_labels.store(on); }
+bool force_large_item_paths() { return large_item_paths.load(std::memory_order_relaxed); }
+void set_force_large_item_paths(bool on) { large_item_paths.store(on); }
 
 Stats stats() {
   return Stats{stat_launches.load(), stat_blocks.load(), stat_threads.load(), stat_switches.load(), config().workers,
