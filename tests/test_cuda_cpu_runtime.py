@@ -5,7 +5,8 @@
    contention from several host threads, divergent collectives / deadlocks / bad masks are reported,
    launch limits match a device (grid.y/z <= 65535, <= 1024 threads, <= 48 KiB dynamic shared
    memory), dynamic shared memory starts poisoned.
-2. Mutation tests: the project's own csrc/cuda/*.cu kernels, run through a torch-free harness
+2. The same harness built with AddressSanitizer and UBSan (out-of-bounds accesses, UB).
+3. Mutation tests: the project's own csrc/cuda/*.cu kernels, run through a torch-free harness
    against host references, pass; copies with one deliberate defect (a wrong tie-break, a missing
    __syncthreads in the Poisson-binomial block DP or in the labeler's prefix scan) fail.
 Needs only g++ (no torch extension build), so it runs wherever the test suite runs.
@@ -31,12 +32,35 @@ def _compile(args, cwd):
     assert out.returncode == 0, out.stderr[-4000:]
 
 
-@pytest.fixture(scope="module")
-def runtime_object(tmp_path_factory):
+def _has_sanitizers() -> bool:
+    if CXX is None:
+        return False
+    probe = subprocess.run([CXX, "-fsanitize=address,undefined", "-x", "c++", "-", "-o", "/dev/null"],
+                           input="int main() { return 0; }", capture_output=True, text=True)
+    return probe.returncode == 0
+
+
+SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
+
+
+def _runtime_object(tmp_path_factory, extra):
     d = tmp_path_factory.mktemp("cuda_cpu_runtime")
     obj = d / "runtime.o"
-    _compile(["-I", str(RUNTIME / "include"), "-I", str(RUNTIME), "-c", str(RUNTIME / "runtime.cpp"), "-o", str(obj)], d)
+    _compile([*extra, "-I", str(RUNTIME / "include"), "-I", str(RUNTIME), "-c", str(RUNTIME / "runtime.cpp"), "-o",
+              str(obj)], d)
     return obj
+
+
+@pytest.fixture(scope="module")
+def runtime_object(tmp_path_factory):
+    return _runtime_object(tmp_path_factory, [])
+
+
+@pytest.fixture(scope="module")
+def sanitized_runtime_object(tmp_path_factory):
+    if not _has_sanitizers():
+        pytest.skip("the compiler has no AddressSanitizer / UBSan runtime")
+    return _runtime_object(tmp_path_factory, SANITIZE)
 
 
 def _run(exe):
@@ -44,9 +68,9 @@ def _run(exe):
     return out.returncode, (out.stdout + out.stderr).strip()
 
 
-def _build_harness(tmp, runtime_object, kind, csrc):
+def _build_harness(tmp, runtime_object, kind, csrc, extra=()):
     """Harness for `kind` linked with runtime + csrc/cuda/<kind>.cu taken from the tree `csrc`."""
-    inc = ["-I", str(csrc), "-I", str(RUNTIME / "include"), "-I", str(RUNTIME)]
+    inc = [*extra, "-I", str(csrc), "-I", str(RUNTIME / "include"), "-I", str(RUNTIME)]
     objs = [str(runtime_object)]
     if kind != "selftest":
         kobj = tmp / f"kernels_{kind}.o"
@@ -66,6 +90,18 @@ def test_runtime_selftest(tmp_path, runtime_object):
 def test_project_kernels_pass_the_harness(tmp_path, runtime_object, kind):
     code, text = _run(_build_harness(tmp_path, runtime_object, kind, ROOT / "csrc"))
     assert code == 0 and text.endswith("ok"), text
+
+
+@pytest.mark.parametrize("kind", ["selftest", "region_max", "poisson_binomial", "label"])
+def test_project_kernels_under_address_and_ub_sanitizers(tmp_path, sanitized_runtime_object, kind):
+    """The kernels (and the runtime) built with -fsanitize=address,undefined: no out-of-bounds
+    access, use of a dead object or undefined arithmetic on the harness inputs (what the runtime
+    itself cannot trap; compute-sanitizer does the same on a GPU in benchmarks/gpu_check.sh)."""
+    exe = _build_harness(tmp_path, sanitized_runtime_object, kind, ROOT / "csrc", SANITIZE)
+    code, text = _run(exe)
+    # (ASan warns once that fibers switch stacks; only its error reports count)
+    assert code == 0 and "ok" in text.splitlines(), text
+    assert "ERROR: AddressSanitizer" not in text and "runtime error" not in text, text
 
 
 # (kernel, what breaks, [(exact text in the kernel source, its broken replacement), ...])

@@ -27,6 +27,9 @@
 #if !defined(__x86_64__)
 #include <ucontext.h>
 #endif
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#endif
 
 #include <cuda_runtime.h>
 
@@ -278,6 +281,10 @@ void prepare_fiber(Worker& w, Fiber& f) {
     mprotect(mem, page, PROT_NONE);  // guard page: a stack overflow faults instead of corrupting
     f.stack = static_cast<char*>(mem) + page;
   }
+#if defined(__SANITIZE_ADDRESS__)
+  // A reused stack may still carry the shadow poisoning of an abandoned fiber's frames.
+  ASAN_UNPOISON_MEMORY_REGION(f.stack, kStackBytes);
+#endif
 #if defined(__x86_64__)
   // Initial frame popped by lc_cpu_switch: control words, six registers, then "return" into
   // fiber_main with the stack aligned as after a call (rsp = 8 mod 16 at entry).
