@@ -564,7 +564,7 @@ def test_count_distribution_static_max_lesions_and_backward(kernel_device, from_
     def run(t, max_lesions):
         t = t.clone().requires_grad_(True)
         r = lesioncount.count_distribution(t, max_count=4, max_lesions=max_lesions, from_logits=from_logits)
-        loss = -r.log_pmf.gather(1, r.pmf.new_tensor(target, dtype=torch.long).view(-1, 1)).sum()
+        loss = -r.log_pmf.gather(1, target.to(device=r.pmf.device, dtype=torch.long).view(-1, 1)).sum()
         (g,) = torch.autograd.grad(loss, t)
         return r, g
 
