@@ -88,11 +88,17 @@ __device__ __forceinline__ SignedLog initial_log_adjoint(double g, double lf) {
 
 // ================================ split kernel (M + 1 <= 16) ================================
 
-// A candidate whose step is not the identity (p != 0). p = 0 steps are exact identities in both
-// spaces (q = 1, log q = 0), so skipping them changes no bit.
-template <bool LOG>
-__device__ __forceinline__ bool is_active(const Factors& c) {
-  return LOG ? c.a != neg_inf() : c.a != 0.0;
+// A candidate whose step is not the identity: a valid p != 0 (a logit other than -inf). Invalid
+// inputs act as p = 0 (make_factors), an exact identity step in both spaces (q = 1, log q = 0), as
+// is p = 0 itself, so skipping them changes no bit. Decided on the raw value, so that both passes
+// of the split forward agree without computing the factors twice; clears *ok on invalid input.
+__device__ __forceinline__ bool active_candidate(double v, bool from_logits, unsigned char* ok) {
+  if (from_logits) {
+    if (v != v) *ok = 0;
+    return v == v && v != neg_inf();
+  }
+  if (!(v >= 0.0 && v <= 1.0)) *ok = 0;
+  return v > 0.0 && v <= 1.0;
 }
 
 template <int NB, bool LOG>
@@ -172,7 +178,7 @@ __global__ void __launch_bounds__(32 * kPbSplitWarpsPerBlock)
     // therefore cut over the active (p != 0) candidates only: count them per raw chunk, scan the
     // counts across the warp, and let lane l take active ranks [l * e, (l + 1) * e).
     long long active = 0;
-    for (long long k = k0; k < k1; ++k) active += is_active<LOG>(make_factors<LOG>(to_double(xi[k]), from_logits, ok));
+    for (long long k = k0; k < k1; ++k) active += active_candidate(to_double(xi[k]), from_logits, ok);
     long long first_rank = active;  // inclusive scan, then exclusive
 #pragma unroll
     for (int d = 1; d < 32; d <<= 1) {
@@ -193,9 +199,12 @@ __global__ void __launch_bounds__(32 * kPbSplitWarpsPerBlock)
     long long rank = __shfl_sync(kFull, first_rank, start_chunk);
     for (long long k = min(K, start_chunk * chunk); k < K && rank < want_end; ++k) {
       unsigned char unused = 1;  // invalid inputs were reported by the counting pass
-      const Factors c = make_factors<LOG>(to_double(xi[k]), from_logits, &unused);
-      if (!is_active<LOG>(c)) continue;
-      if (rank >= want_begin) step<NB, LOG>(f, M, c.a, c.b);
+      const double v = to_double(xi[k]);
+      if (!active_candidate(v, from_logits, &unused)) continue;
+      if (rank >= want_begin) {
+        const Factors c = make_factors<LOG>(v, from_logits, &unused);
+        step<NB, LOG>(f, M, c.a, c.b);
+      }
       ++rank;
     }
     for (int d = 1; d < 32; d <<= 1) {
