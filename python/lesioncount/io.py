@@ -15,6 +15,12 @@ Supported inputs (one 3-D case per file):
   voxels) and warns.
 - NumPy ``CASE.npy`` holding a 3-D array already in ``(i, j, k)`` order; identity affine, 1 mm voxels.
 
+Outputs (:func:`write_label_map`, and every file ``lesioncount count`` / ``merge`` write) are
+written atomically with :func:`atomic_file`: into a hidden temporary file next to the target
+(``.NAME.<pid>.<random>.tmp``), flushed to disk (fsync), then renamed over the target
+(``os.replace``), so a reader sees the old file or the complete new one, never a partial one, and
+two processes never share a temporary name. The temporary file is removed when writing fails.
+
 Every failure to read a case raises :class:`CaseReadError`, whose message starts with the file path
 and says what was wrong (unreadable or corrupt file, wrong rank, missing key, channel out of range,
 shape mismatch with the sibling segmentation, degenerate affine). Values are returned raw: no range
@@ -28,7 +34,11 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import pathlib
+import secrets
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -48,6 +58,8 @@ __all__ = [
     "read_probability_map",
     "read_mask",
     "write_label_map",
+    "atomic_file",
+    "temp_path",
     "c_contiguous",
     "GZIP_BACKENDS",
     "gunzip",
@@ -156,7 +168,11 @@ def find_cases(path: PathLike) -> list[pathlib.Path]:
 
     A file gives ``[path]`` (it must have a supported suffix). A folder gives its supported files
     (not recursive), sorted by name, skipping the segmentation ``CASE.nii.gz`` / ``CASE.nii`` that
-    sits next to an nnU-Net ``CASE.npz`` (it only provides the geometry), and skipping hidden files.
+    sits next to an nnU-Net ``CASE.npz`` (it only provides the geometry), and skipping hidden files
+    and sub-folders. Entries with a supported name that cannot be opened (a dangling symbolic link,
+    a symbolic link loop, an entry whose status cannot be read) are listed too, so that reading
+    them fails with :class:`CaseReadError` saying why (``lesioncount count`` reports them in
+    ``errors.csv``) instead of their being skipped silently.
     Two files with the same case id (e.g. ``a.npy`` and ``a.nii.gz`` without ``a.npz``) are an error,
     since their outputs would collide.
 
@@ -170,7 +186,8 @@ def find_cases(path: PathLike) -> list[pathlib.Path]:
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such file or folder")
-    files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and _suffix(p)]
+    files = [p for p in path.iterdir() if not p.name.startswith(".") and _suffix(p)
+             and (p.is_file() or _broken_entry(p) is not None)]
     npz_stems = {case_name(p) for p in files if _suffix(p) == ".npz"}
     cases = [p for p in files if not (_suffix(p) in (".nii.gz", ".nii") and case_name(p) in npz_stems)]
     cases.sort(key=lambda p: p.name)
@@ -181,6 +198,36 @@ def find_cases(path: PathLike) -> list[pathlib.Path]:
             raise CaseReadError(p, f"case id {name!r} is also used by {seen[name].name}; rename one of them")
         seen[name] = p
     return cases
+
+
+def _broken_entry(path: pathlib.Path) -> str | None:
+    """Why ``path`` cannot be opened although the folder lists it, or None (a regular file, a
+    folder, or absent).
+
+    Example:
+        >>> _broken_entry(pathlib.Path("/"))   # a folder: not broken
+    """
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop (the link points, directly or not, at itself)"
+        if exc.errno == errno.ENOENT:
+            if os.path.islink(path):
+                return f"dangling symbolic link (its target {os.readlink(path)!r} does not exist)"
+            return None  # removed meanwhile
+        return f"cannot access it ({exc.strerror or exc})"
+    return None
+
+
+def _require_file(path: pathlib.Path) -> None:
+    """CaseReadError unless ``path`` is a regular file (following links), with the reason."""
+    if path.is_file():
+        return
+    broken = _broken_entry(path)
+    if broken is not None:
+        raise CaseReadError(path, broken)
+    raise CaseReadError(path, "is a folder, not a file" if path.is_dir() else "no such file")
 
 
 def _nibabel():
@@ -427,8 +474,7 @@ def read_probability_map(path: PathLike, channel: int = 1, *, missing_geometry: 
         raise ValueError(f"missing_geometry must be 'error' or 'identity', got {missing_geometry!r}")
     path = pathlib.Path(path)
     name = case_name(path)
-    if not path.is_file():
-        raise CaseReadError(path, "no such file")
+    _require_file(path)
     suffix = _suffix(path)
     if suffix == ".npz":
         data = _read_npz_channel(path, int(channel))
@@ -470,8 +516,7 @@ def read_mask(path: PathLike) -> Volume:
     """
     path = pathlib.Path(path)
     name = case_name(path)
-    if not path.is_file():
-        raise CaseReadError(path, "no such file")
+    _require_file(path)
     suffix = _suffix(path)
     if suffix == ".npz":
         raise CaseReadError(path, "masks must be .nii, .nii.gz or .npy files, not .npz")
@@ -487,16 +532,92 @@ def read_mask(path: PathLike) -> Volume:
     return Volume(data=data if data.flags.writeable else data.copy(), affine=affine, name=name, path=path)
 
 
-def write_label_map(path: PathLike, labels, affine) -> None:
-    """Write an integer label map as NIfTI with the given affine.
+def temp_path(path: PathLike) -> pathlib.Path:
+    """A fresh hidden temporary name next to ``path``: ``.NAME.<pid>.<random hex>.tmp``.
+
+    Unique per process and call (pid + 64 random bits), in the same folder (so that
+    ``os.replace`` onto ``path`` is an atomic rename on the same file system), and hidden (so that
+    :func:`find_cases` never lists it).
+
+    Example:
+        >>> t = temp_path("out/case_001.json")
+        >>> t.parent.as_posix(), t.name.startswith(".case_001.json."), t.suffix
+        ('out', True, '.tmp')
+    """
+    path = pathlib.Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
+
+
+def _fsync_and_close(f) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+    f.close()
+
+
+@contextlib.contextmanager
+def atomic_file(path: PathLike, mode: str = "w", *, commit: bool = True, **open_kwargs):
+    """Write ``path`` atomically: yields a file object open on a :func:`temp_path` next to it.
+
+    On a normal exit the data are flushed and fsync'ed, the file closed and renamed over ``path``
+    (``os.replace``: readers see the old file or the complete new one). On an exception (including
+    KeyboardInterrupt) the temporary file is removed and ``path`` is left as it was.
+
+    Args:
+        path: the target file.
+        mode: ``"w"`` (text, the default) or ``"wb"``; ``open_kwargs`` go to :func:`open`
+            (e.g. ``newline=""`` for CSV).
+        commit: False: do not rename; the caller finds the finished temporary file's path in the
+            yielded object's ``temp_path`` attribute and must ``os.replace`` it onto ``path`` or
+            remove it (``lesioncount count`` renames label maps written by its worker threads in
+            case order this way).
+
+    Example:
+        >>> import tempfile
+        >>> target = pathlib.Path(tempfile.mkdtemp()) / "summary.csv"
+        >>> with atomic_file(target, newline="") as f:
+        ...     _ = f.write("case,n\\n")
+        >>> target.read_text(), [p.name for p in target.parent.iterdir()]
+        ('case,n\\n', ['summary.csv'])
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
+    path = pathlib.Path(path)
+    tmp = temp_path(path)
+    f = open(tmp, "x" + mode[1:], **open_kwargs)  # noqa: SIM115 (exclusive create; closed below)
+    try:
+        f.temp_path = tmp  # type: ignore[attr-defined]
+    except AttributeError:  # pragma: no cover (builtin file objects accept attributes)
+        pass
+    try:
+        yield f
+        _fsync_and_close(f)
+        if commit:
+            os.replace(tmp, path)
+    except BaseException:
+        f.close()
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_label_map(path: PathLike, labels, affine, *, commit: bool = True) -> pathlib.Path:
+    """Write an integer label map as NIfTI with the given affine, atomically.
 
     Args:
         path: output ``.nii`` or ``.nii.gz`` file.
         labels: (X, Y, Z) integer array or tensor (0 background, 1..K lesions).
         affine: (4, 4) voxel-to-world matrix (use the input's ``Volume.affine``).
+        commit: True (default): the file is written to a hidden temporary name, fsync'ed and
+            renamed onto ``path`` (see :func:`atomic_file`; an interrupted write never leaves a
+            partial ``path``). False: the finished temporary file is left for the caller to
+            ``os.replace`` onto ``path`` (or remove).
+
+    Returns:
+        ``path``, or with ``commit=False`` the temporary file.
 
     The file is int16 when the largest label is at most 32767, int32 otherwise (more labels than
-    int32 can hold is an error). Units are set to mm.
+    int32 can hold is an error). Units are set to mm. ``.nii.gz`` is gzip level 1 without a name
+    or time stamp in the gzip header, byte for byte what ``nibabel.save`` writes.
 
     Example:
         >>> write_label_map("out/case_labels.nii.gz", labels, vol.affine)   # doctest: +SKIP
@@ -513,6 +634,9 @@ def write_label_map(path: PathLike, labels, affine) -> None:
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4):
         raise ValueError(f"affine must be 4x4, got shape {affine.shape}")
+    name = path.name.lower()
+    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
+        raise ValueError(f"label map path must end in .nii or .nii.gz, got {path.name!r}")
     low = int(labels.min()) if labels.size else 0
     high = int(labels.max()) if labels.size else 0
     if low < 0:
@@ -527,4 +651,13 @@ def write_label_map(path: PathLike, labels, affine) -> None:
     img.header.set_data_dtype(dtype)
     img.header.set_xyzt_units("mm")
     img.header["intent_name"] = b"lesion labels"
-    nib.save(img, str(path))
+    with atomic_file(path, "wb", commit=commit) as f:
+        if name.endswith(".gz"):
+            import gzip
+
+            with gzip.GzipFile(filename="", mode="wb", fileobj=f, compresslevel=1, mtime=0) as gz:
+                img.to_stream(gz)
+        else:
+            img.to_stream(f)
+        written = f.temp_path
+    return path if commit else written
