@@ -36,6 +36,8 @@ __all__ = [
 ]
 
 DATA_SOURCES = ("phantom", "anatomy", "nnunet")
+# "unet": counting by this method (post hoc / multi-task); the others: the paper's parametric count heads
+MODEL_TYPES = ("unet", "bottleneck", "multihead", "downstream")
 AMP_MODES = ("auto", "bf16", "fp16", "none")
 CONNECTIVITIES = (6, 18, 26)
 
@@ -68,7 +70,12 @@ class TrainConfig:
     connectivity: int = 18
     augment: bool = True
     num_workers: int = 0
-    # model
+    # model: "unet" (this method) or a parametric count-head baseline (lesioncount.train.count_heads)
+    model: str = "unet"
+    # width of the count network of a head model; its learning rate (None: 1e-5 for multihead, as in
+    # the paper, else lr)
+    count_head_filters: int = 32
+    count_head_lr: float | None = None
     base_filters: int = 32
     levels: int = 5
     dropout: float = 0.1
@@ -131,6 +138,16 @@ class TrainConfig:
         need(self.connectivity in CONNECTIVITIES, "connectivity", f"one of {CONNECTIVITIES}")
         need(isinstance(self.augment, bool), "augment", "true or false")
         need(is_int(self.num_workers) and self.num_workers >= 0, "num_workers", "an int >= 0")
+        need(self.model in MODEL_TYPES, "model", f"one of {MODEL_TYPES}")
+        need(is_int(self.count_head_filters) and self.count_head_filters >= 1, "count_head_filters", "an int >= 1")
+        need(self.count_head_lr is None or (is_num(self.count_head_lr) and self.count_head_lr > 0), "count_head_lr",
+             "a number > 0 or null")
+        if self.model != "unet" and self.post_hoc_only:
+            raise ConfigError(f"`post_hoc_only` trains no count term, but model={self.model!r} is a count-head "
+                              f"model that only learns from it; use model='unet' for the post hoc baseline")
+        if self.model == "multihead" and self.levels < 3:
+            raise ConfigError(f"model='multihead' reads the second-to-last decoder block and needs `levels` >= 3, "
+                              f"got {self.levels}")
         need(is_int(self.base_filters) and self.base_filters >= 1, "base_filters", "an int >= 1")
         need(is_int(self.levels) and self.levels >= 1, "levels", "an int >= 1")
         need(is_num(self.dropout) and 0 <= self.dropout < 1, "dropout", "a number in [0, 1)")
@@ -331,6 +348,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"candidate threshold of the count distribution (default {d.count_threshold})")
     g.add_argument("--post-hoc-only", action="store_true", default=S,
                    help="train the segmentation loss only (the post-hoc counting baseline)")
+    g.add_argument("--model", choices=MODEL_TYPES, default=S,
+                   help="unet: count with the count distribution (this method); bottleneck / multihead / "
+                        "downstream: the paper's parametric count-head baselines, trained with cross-entropy "
+                        f"under the same count-weight schedule (default {d.model})")
+    g.add_argument("--count-head-filters", type=int, default=S,
+                   help=f"width of a count head's convolutions (default {d.count_head_filters})")
+    g.add_argument("--count-head-lr", type=float, default=S,
+                   help="learning rate of a count head (default: 1e-5 for multihead, as in the paper; else --lr)")
     g = parser.add_argument_group("runtime")
     g.add_argument("--val-threshold", type=float, default=S,
                    help=f"threshold of the validation segmentation F1 (default {d.val_threshold})")

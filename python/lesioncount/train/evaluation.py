@@ -125,7 +125,8 @@ class VoxelStats:
 # ----------------------------------------------------------------------------------------------
 
 def load_model(checkpoint, device="cpu"):
-    """Rebuild the UNet of a training checkpoint and load its weights (eval mode).
+    """Rebuild the network of a training checkpoint (a UNet, or a UNet with a count head) and load its
+    weights (eval mode).
 
     Returns ``(model, config, checkpoint_dict)``; ``config`` is the run's :class:`TrainConfig`.
 
@@ -134,8 +135,8 @@ def load_model(checkpoint, device="cpu"):
         >>> config.base_filters, ckpt["epoch"]                      # doctest: +SKIP
         (4, 2)
     """
+    from .count_heads import build_model
     from .loop import load_checkpoint
-    from .model import UNet3D
 
     ckpt = load_checkpoint(checkpoint, map_location="cpu")
     try:
@@ -143,12 +144,11 @@ def load_model(checkpoint, device="cpu"):
     except ConfigError as exc:
         raise ValueError(f"{checkpoint}: its saved config is invalid: {exc}") from None
     in_channels = int(ckpt.get("in_channels", 5))
-    model = UNet3D(in_channels=in_channels, out_channels=1, base_filters=config.base_filters,
-                   levels=config.levels, dropout=config.dropout)
+    model = build_model(config, in_channels)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
-        raise ValueError(f"{checkpoint}: the weights do not fit UNet3D(in_channels={in_channels}, "
+        raise ValueError(f"{checkpoint}: the weights do not fit the model {config.model!r} (in_channels={in_channels}, "
                          f"base_filters={config.base_filters}, levels={config.levels}): {exc}") from None
     return model.to(device).eval(), config, ckpt
 

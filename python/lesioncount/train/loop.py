@@ -159,16 +159,22 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, image: 
         >>> net = UNet3D(base_filters=4, levels=3); opt = torch.optim.Adam(net.parameters())   # doctest: +SKIP
         >>> out = train_step(net, opt, image, mask, counts, count_weight=1e-3)                  # doctest: +SKIP
     """
-    if amp_dtype is not None:
-        with torch.autocast(device_type=image.device.type, dtype=amp_dtype):
-            logits = model(image)
-    else:
-        logits = model(image)
+    from .count_heads import has_count_head, head_count_loss
+
+    # a count-head model (lesioncount.train.count_heads) runs its head only while the count term is on
+    use_head = count_weight > 0 and has_count_head(model)
+    with (torch.autocast(device_type=image.device.type, dtype=amp_dtype) if amp_dtype is not None
+          else nullcontext()):
+        output = model(image, with_count=True) if use_head else model(image)
+    logits, count_logits = output if use_head else (output, None)
     logits = logits.float()
     seg = segmentation_loss(logits, mask, pos_weight)
-    if count_weight > 0:
-        if counts is None:
-            raise ValueError("train_step: `counts` are needed when count_weight > 0")
+    if count_weight > 0 and counts is None:
+        raise ValueError("train_step: `counts` are needed when count_weight > 0")
+    if use_head:  # the paper's parametric baselines: cross-entropy of the count classes
+        count_loss, nll = head_count_loss(count_logits, counts, max_count=max_count)
+        loss = seg + count_weight * count_loss
+    elif count_weight > 0:
         count_loss, nll = count_loss_term(logits, counts, threshold=count_threshold, connectivity=connectivity,
                                           max_count=max_count)
         loss = seg + count_weight * count_loss
@@ -566,7 +572,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
-        from .model import UNet3D
+        from .count_heads import build_model, parameter_groups
 
         train_set, val_set, _ = _build_data(config)
         first = train_set[0]
@@ -583,12 +589,8 @@ class Trainer:
         self.val_set = val_set
 
         torch.manual_seed(config.seed)  # identical initial weights on every rank
-        self.model = UNet3D(in_channels=self.in_channels, out_channels=1, base_filters=config.base_filters,
-                            levels=config.levels, dropout=config.dropout)
-        if config.output_prior is not None:
-            with torch.no_grad():
-                self.model.head.bias.fill_(math.log(config.output_prior / (1.0 - config.output_prior)))
-        self.model = self.model.to(self.device)
+        # UNet3D, or a UNet with a count head (same UNet weights for one seed); output bias logit(prior)
+        self.model = build_model(config, self.in_channels).to(self.device)
         # dropout draws from the global stream: rank 0 continues it (a 1-process run is rank 0), other
         # ranks get their own
         if self.ctx.rank:
@@ -598,8 +600,12 @@ class Trainer:
         self.module = self.model
         if self.ctx.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = torch.nn.parallel.DistributedDataParallel(self.module, device_ids=device_ids)
-        self.optimizer = torch.optim.Adam(self.module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+            # a count head is unused during the segmentation-only epochs
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.module, device_ids=device_ids, find_unused_parameters=config.model != "unet")
+        # one group (lr), or the UNet at lr and a count head at its own rate (multihead: 1e-5)
+        self.optimizer = torch.optim.Adam(parameter_groups(self.module, config), lr=config.lr,
+                                          weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=config.lr_gamma)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
@@ -755,23 +761,30 @@ class Trainer:
         whole validation set (sums all-reduced over ranks, so every rank gets the same values)."""
         import lesioncount
 
+        from .count_heads import has_count_head
+
         config = self.config
         model = self.module
         model.eval()
+        head_model = has_count_head(model)
         sums = torch.zeros(7, dtype=torch.float64, device=self.device)  # tp, fp, fn, correct, n, nll, finite
         for batch in self.val_loader:
             image = batch["image"].to(self.device)
             mask = batch["mask"].to(self.device) > 0.5
             counts = batch["count"].to(self.device)
             with self._autocast():
-                logits = model(image)
+                output = model(image, with_count=True) if head_model else model(image)
+            logits, count_logits = output if head_model else (output, None)
             logits = logits.float()
             predicted = torch.sigmoid(logits) > config.val_threshold
-            result = lesioncount.count_distribution(logits, threshold=config.count_threshold,
-                                                    connectivity=config.connectivity,
-                                                    max_count=config.max_count, from_logits=True)
-            correct = (result.most_likely_count == counts.clamp_max(config.max_count)).sum()
-            nll = lesioncount.count_nll(result.log_pmf, counts, reduction="none")
+            if head_model:  # a count-head baseline: the softmax of its count logits
+                log_pmf = torch.log_softmax(count_logits.float(), dim=1)
+            else:
+                log_pmf = lesioncount.count_distribution(logits, threshold=config.count_threshold,
+                                                         connectivity=config.connectivity,
+                                                         max_count=config.max_count, from_logits=True).log_pmf
+            correct = (log_pmf.argmax(1) == counts.clamp_max(config.max_count)).sum()
+            nll = lesioncount.count_nll(log_pmf, counts, reduction="none")
             finite = torch.isfinite(nll)
             sums += torch.stack([(predicted & mask).sum(), (predicted & ~mask).sum(), (~predicted & mask).sum(),
                                  correct, torch.tensor(counts.shape[0], device=self.device),
@@ -809,7 +822,9 @@ class Trainer:
                 row = {"epoch": epoch + 1, **self.train_one_epoch(epoch), **self.validate(), "lr": lr}
                 self.scheduler.step()
                 row["epoch_time_s"] = time.perf_counter() - started
-                improved = row["val_seg_f1"] > self.best_metric
+                # a count-head model is selected only among epochs that trained its head (count term on)
+                selectable = config.model == "unet" or row["count_weight"] > 0
+                improved = selectable and row["val_seg_f1"] > self.best_metric
                 if improved:
                     self.best_metric, self.best_epoch = row["val_seg_f1"], epoch + 1
                 self.history.append(row)
