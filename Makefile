@@ -1,8 +1,14 @@
-# `make demo` / `make test` create the virtual environment when it is missing, build, and run.
+# `make demo` creates its own small virtual environment .venv-demo (torch CPU, numpy, matplotlib and the
+# build tools only), builds the library non-editable into it (build dir build/demo-*) and runs the demo.
+# `make test` creates .venv with everything the tests need, builds (editable) and runs the suite.
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
+DEMO_VENV ?= .venv-demo
+DEMO_PY := $(DEMO_VENV)/bin/python
+SOURCES := $(shell find csrc python tests/cuda_cpu -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.py' 2>/dev/null)
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.torchinductor_cache
 
 .PHONY: demo test test-integration bench env build clean
@@ -21,14 +27,34 @@ env: $(VENV)/.deps
 
 # LESIONCOUNT_CUDA_ON_CPU=ON also builds _C_cuda_cpu: the CUDA kernels on the CPU test runtime of
 # tests/cuda_cpu, so that `make test` runs the CUDA tests without a GPU.
-$(VENV)/.built: $(VENV)/.deps pyproject.toml CMakeLists.txt $(shell find csrc python tests/cuda_cpu -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.py' 2>/dev/null)
+$(VENV)/.built: $(VENV)/.deps pyproject.toml CMakeLists.txt $(SOURCES)
 	LESIONCOUNT_CUDA_ON_CPU=ON $(PY) -m pip install -q --no-build-isolation -e .
 	touch $@
 
 build: $(VENV)/.built
 
-demo: build
-	$(VENV)/bin/lesioncount demo
+# The demo needs torch and numpy (matplotlib for its figure); nnU-Net, MONAI and the test tools stay out.
+# No pip upgrade (the venv's own pip suffices); pip without -q, so that each step shows what it does.
+$(DEMO_VENV)/.deps:
+	@echo "== make demo [1/3]: virtual environment $(DEMO_VENV) with torch $(TORCH_VERSION) (CPU), numpy, matplotlib, scikit-build-core, ninja"
+	test -x $(DEMO_PY) || $(PYTHON) -m venv $(DEMO_VENV)
+	$(DEMO_PY) -m pip install --progress-bar on torch==$(TORCH_VERSION) numpy matplotlib 'scikit-build-core>=0.10' ninja
+	touch $@
+
+# Non-editable, in its own build folder (the editable .venv build uses build/{wheel_tag}); ninja's
+# [n/N] lines show the compile's progress.
+$(DEMO_VENV)/.built: $(DEMO_VENV)/.deps pyproject.toml CMakeLists.txt $(SOURCES)
+	@echo "== make demo [2/3]: compiling the C++ ops into $(DEMO_VENV) (build/demo-*; about a minute on 2 cores)"
+	@mkdir -p build
+	set -o pipefail; $(DEMO_PY) -m pip install -v --no-deps --no-build-isolation \
+	    --config-settings=build-dir='build/demo-{wheel_tag}' . 2>&1 | tee build/demo-install.log \
+	  | grep --line-buffered -E '^ *\[[0-9]+/[0-9]+\]|^Successfully installed' \
+	  || { tail -n 40 build/demo-install.log; echo "make demo: the build failed; full log: build/demo-install.log"; exit 1; }
+	touch $@
+
+demo: $(DEMO_VENV)/.built
+	@echo "== make demo [3/3]: lesioncount demo"
+	$(DEMO_VENV)/bin/lesioncount demo --figure out/demo.png
 
 # LESIONCOUNT_REQUIRE_CUDA_ON_CPU=1: the CUDA tests fail (not skip) if _C_cuda_cpu is missing.
 test: build
@@ -42,4 +68,4 @@ bench: build
 	$(PY) -m pytest -q benchmarks/bench_label.py benchmarks/bench_count.py --benchmark-json=out/bench.json
 
 clean:
-	rm -rf build $(VENV) .pytest_cache .benchmarks .torchinductor_cache
+	rm -rf build $(VENV) $(DEMO_VENV) .pytest_cache .benchmarks .torchinductor_cache

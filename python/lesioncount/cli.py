@@ -14,18 +14,107 @@ import torch
 
 def _format_pmf(pmf, max_count: int) -> str:
     names = [f"P({j})" for j in range(max_count)] + [f"P({max_count}+)"]
-    return "  ".join(f"{n}={v:.4f}" for n, v in zip(names, pmf))
+    return "  ".join(f"{n}={v:.3f}" for n, v in zip(names, pmf))
+
+
+def _count_name(count: int, max_count: int) -> str:
+    return f"{max_count}+" if count >= max_count else str(count)
+
+
+def demo_verdict(pmf, true_count: int, cc_counts: dict, max_count: int) -> str:
+    """One line comparing the count distribution and the ``cc_count`` baseline with the true count.
+
+    Args:
+        pmf: (M+1,) count distribution of one item (bins 0..M-1 and "M or more").
+        true_count: the item's true number of lesions.
+        cc_counts: threshold -> thresholded connected-component count of the item.
+        max_count: M.
+
+    Returns:
+        e.g. ``"distribution right: most likely 2 (P=0.41), true count 2; cc_count right at tau 0.3, 0.5"``.
+
+    Example:
+        >>> demo_verdict([0.1, 0.6, 0.3, 0.0, 0.0], 1, {0.1: 3, 0.5: 1}, 4)
+        'distribution right: most likely 1 (P=0.60 for the true count 1); cc_count right at tau 0.5, wrong at 0.1 (3)'
+    """
+    pmf = [float(v) for v in pmf]
+    mode = max(range(len(pmf)), key=lambda j: pmf[j])
+    true_bin = min(int(true_count), max_count)
+    true_name = _count_name(int(true_count), max_count)
+    if mode == true_bin:
+        dist = f"distribution right: most likely {true_name} (P={pmf[mode]:.2f} for the true count {true_name})"
+    else:
+        dist = (f"distribution off by {abs(mode - true_bin)}: most likely {_count_name(mode, max_count)} "
+                f"(P={pmf[mode]:.2f}); the true count {true_name} has P={pmf[true_bin]:.2f}")
+    right = [t for t, c in cc_counts.items() if int(c) == int(true_count)]
+    wrong = [f"{t} ({int(c)})" for t, c in cc_counts.items() if int(c) != int(true_count)]
+    if not right:
+        cc = "cc_count wrong at every tau: " + ", ".join(wrong)
+    elif not wrong:
+        cc = "cc_count right at every tau"
+    else:
+        cc = "cc_count right at tau " + ", ".join(str(t) for t in right) + ", wrong at " + ", ".join(wrong)
+    return f"{dist}; {cc}"
+
+
+def _demo_figure(path, probs, result, true_counts, cc_counts, cc_tau):
+    """2 x B figure: maximum projection of each map with its candidates outlined, and its count pmf."""
+    import numpy as np
+
+    from . import plot
+
+    B = probs.shape[0]
+    fig, axes = plot.new_figure(2, B, figsize=(3.2 * B, 6.4))
+    axes = np.asarray(axes).reshape(2, B)
+    for b in range(B):
+        p = probs[b].numpy()
+        depth = p.argmax(axis=0)
+        mip = np.take_along_axis(p, depth[None], axis=0)[0]
+        lab = np.take_along_axis(result.labels[b].numpy(), depth[None], axis=0)[0]
+        ax = axes[0, b]
+        ax.imshow(mip, cmap="magma", vmin=0.0, vmax=1.0, interpolation="nearest")
+        edge = plot._boundaries(lab)
+        rgba = np.zeros(lab.shape + (4,))
+        rgba[edge] = (0.2, 0.9, 1.0, 1.0)
+        ax.imshow(rgba, interpolation="nearest")
+        spatial = tuple(result.labels.shape[1:])
+        for k in range(result.lesion_probs.shape[1]):
+            pk = float(result.lesion_probs[b, k])
+            if int(result.lesion_ids[b, k]) == 0 or pk < 0.2:
+                continue
+            _, row, col = np.unravel_index(int(result.argmax[b, k]), spatial)
+            ax.annotate(f"{pk:.2f}", (col, row), xytext=(5, 5), textcoords="offset points", fontsize=8,
+                        bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"item {b}: true count {int(true_counts[b])}\n{int(result.num_lesions[b])} candidates "
+                     f"(p_k >= 0.2 written)", fontsize=9)
+        ax = axes[1, b]
+        plot.plot_count_distribution(result.pmf[b], true_count=int(true_counts[b]), ax=ax,
+                                     title=f"E[C] = {float(result.expected_count[b]):.2f}")
+        cc = min(int(cc_counts[cc_tau][b]), result.max_count)
+        ax.axvline(cc, color="#55a868", linestyle="--", linewidth=1.5, label=f"cc_count (tau={cc_tau})")
+        ax.legend(fontsize=7, loc="upper right")
+    fig.suptitle("lesioncount demo: maximum projection of each probability map with its candidates (top), "
+                 "count distribution vs true count and the cc_count baseline (bottom)", fontsize=10)
+    return plot.save_figure(fig, path)
 
 
 def run_demo(args: argparse.Namespace) -> int:
     from . import cc_count, count_distribution, has_ops
+    from ._extras import available
     from .synthetic import demo_batch
 
     probs, true_counts = demo_batch()
     B = probs.shape[0]
-    print(f"lesioncount demo: {B} synthetic items of {tuple(probs.shape[1:])} (embedded generator, seeded)")
+    print(f"lesioncount demo: {B} synthetic probability maps of {tuple(probs.shape[1:])} with known lesion counts "
+          f"(embedded generator, seeded)")
     print(f"compiled ops: {'yes' if has_ops() else 'no (pure torch/SciPy fallback)'}; "
           f"threshold={args.threshold}, connectivity={args.connectivity}, max_count={args.max_count}")
+    print(f"count distribution: the candidates are the connected components of the map above tau={args.threshold}; "
+          f"each exists with probability p_k = its peak; the count is Poisson-binomial over them.")
+    print("cc_count: the usual baseline: threshold the map at tau and count its connected components "
+          "(one number, no uncertainty; shown for several tau).")
     probs.requires_grad_(True)
     t0 = time.perf_counter()
     result = count_distribution(probs, threshold=args.threshold, connectivity=args.connectivity,
@@ -35,33 +124,35 @@ def run_demo(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - t0
     result = result._replace(**{f: getattr(result, f).detach() for f in ("pmf", "log_pmf", "lesion_probs", "expected_count", "entropy")})
     nonzero = int((probs.grad != 0).sum())
+    probs = probs.detach()
     baseline_thresholds = (0.1, 0.3, 0.5, 0.7, 0.9)
-    baselines = {t: cc_count(probs.detach(), threshold=t, connectivity=args.connectivity) for t in baseline_thresholds}
-    labels = result.labels
+    baselines = {t: cc_count(probs, threshold=t, connectivity=args.connectivity) for t in baseline_thresholds}
+    right_dist = right_cc = 0
     for b in range(B):
+        t = int(true_counts[b])
+        pmf = result.pmf[b].tolist()
+        cc_b = {tau: int(baselines[tau][b]) for tau in baseline_thresholds}
+        ps = sorted((float(result.lesion_probs[b, k]) for k in range(result.lesion_probs.shape[1])
+                     if int(result.lesion_ids[b, k]) != 0), reverse=True)
         print()
-        print(f"== item {b}: true count {int(true_counts[b])}, {int(result.num_lesions[b])} candidates")
-        print(f"   count distribution: {_format_pmf(result.pmf[b].tolist(), result.max_count)}")
-        print(f"   expected count {float(result.expected_count[b]):.3f}, most likely {int(result.most_likely_count[b])}"
-              f"{'+' if int(result.most_likely_count[b]) == result.max_count else ''}, entropy {float(result.entropy[b]):.3f} nats")
-        print("   cc_count baseline: " + ", ".join(f"tau={t}: {int(baselines[t][b])}" for t in baseline_thresholds))
-        sizes = torch.bincount(labels[b].reshape(-1).long(), minlength=int(result.num_lesions[b]) + 1)
-        spatial = labels.shape[1:]
-        rows = []
-        for k in range(result.lesion_probs.shape[1]):
-            lesion_id = int(result.lesion_ids[b, k])
-            if lesion_id == 0:
-                continue
-            flat = int(result.argmax[b, k])
-            voxel = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), spatial))
-            rows.append((lesion_id, float(result.lesion_probs[b, k]), voxel, int(sizes[lesion_id])))
-        if rows:
-            print(f"   {'id':>4} {'p_exist':>8} {'argmax voxel (z, y, x)':>24} {'size':>6}")
-            for lesion_id, p, voxel, size in rows:
-                print(f"   {lesion_id:>4} {p:>8.4f} {str(voxel):>24} {size:>6}")
+        print(f"== item {b}: true count {t}; {int(result.num_lesions[b])} candidates, p_k = "
+              + (", ".join(f"{p:.2f}" for p in ps) if ps else "none"))
+        print(f"   count distribution: {_format_pmf(pmf, result.max_count)}  (E[C] = {float(result.expected_count[b]):.2f})")
+        print("   cc_count: " + ", ".join(f"tau={tau}: {c}" for tau, c in cc_b.items()))
+        print(f"   verdict: {demo_verdict(pmf, t, cc_b, result.max_count)}")
+        right_dist += int(int(result.most_likely_count[b]) == min(t, result.max_count))
+        right_cc += int(cc_b[0.5] == t)
     print()
+    print(f"summary: the most likely count is right for {right_dist}/{B} items, cc_count at tau=0.5 for {right_cc}/{B}; "
+          f"the distribution also says how sure it is (P of each count)")
     print(f"count loss (mean -log P(C = true count)) = {float(loss.detach()):.4f}; forward+backward {elapsed * 1e3:.1f} ms; "
           f"gradient reaches {nonzero} voxels (one per candidate)")
+    if args.figure:
+        if available("matplotlib"):
+            path = _demo_figure(args.figure, probs, result, true_counts, baselines, 0.5)
+            print(f"figure: {path.resolve()}")
+        else:
+            print("figure: not written, matplotlib is not installed (pip install matplotlib)")
     return 0
 
 
@@ -72,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threshold", type=float, default=0.1)
     demo.add_argument("--connectivity", type=int, default=18, choices=(6, 18, 26))
     demo.add_argument("--max-count", type=int, default=4)
+    demo.add_argument("--figure", default="lesioncount-demo.png", metavar="PNG",
+                      help="where to write the demo's figure (default: lesioncount-demo.png in the current "
+                           "folder; '' for none)")
     demo.set_defaults(func=run_demo)
     import importlib
     import pkgutil
