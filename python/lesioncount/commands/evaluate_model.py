@@ -3,6 +3,9 @@
 Example:
     lesioncount evaluate-model --checkpoint post_hoc=runs/ph/best.pt --checkpoint multitask=runs/mt/best.pt \\
         -o eval/
+    # the paper's comparison (Table 1): the count-head baselines too, the attack and MC-dropout CC
+    lesioncount evaluate-model --checkpoint post_hoc=... --checkpoint bottleneck=... --checkpoint multihead=... \\
+        --checkpoint downstream=... --checkpoint multitask=... --attack --mc-samples 50 --paper-table 1 -o eval/
 """
 from __future__ import annotations
 
@@ -56,6 +59,25 @@ def register(subparsers) -> None:
     parser.add_argument("--n-bins", type=int, default=10, help="calibration bins (default 10)")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG figures")
+    g = parser.add_argument_group("attack (SR / AD; lesioncount.train.attack)")
+    g.add_argument("--attack", action="store_true",
+                   help="run the entropy-maximising attack on every case's count distribution")
+    g.add_argument("--attack-epsilon", type=float, default=0.5, help="perturbation budget (default 0.5, the paper's)")
+    g.add_argument("--attack-lambda", type=float, default=0.01, help="weight of the squared-l2 penalty (default 0.01)")
+    g.add_argument("--attack-steps", type=int, default=10, help="gradient ascent steps (default 10)")
+    g.add_argument("--attack-step-size", type=float, default=None, help="step length (default epsilon / 4)")
+    g.add_argument("--attack-noise", type=float, default=1e-3, help="std of the initial noise (default 1e-3)")
+    g.add_argument("--attack-norm", choices=("l2", "linf"), default="l2", help="norm of the budget (default l2)")
+    g.add_argument("--attack-seed", type=int, default=0, help="seed of the initial noise (default 0)")
+    g = parser.add_argument_group("uncertainty and tables")
+    g.add_argument("--mc-samples", type=int, default=0,
+                   help="MC-dropout samples of the probabilistic cc_count baseline (paper 50; default 0 = off)")
+    g.add_argument("--mc-threshold", type=float, default=0.5, help="threshold of the MC-dropout cc_count (default 0.5)")
+    g.add_argument("--paper-table", choices=("1", "C.2"), default=None,
+                   help="put the paper's Table 1 (full data) or Table C.2 (1%% data) beside ours (models matched by "
+                        "name: post_hoc, bottleneck, multihead, downstream, multitask)")
+    g.add_argument("--reference", default=None, metavar="NAME",
+                   help="model the others are compared with, paired (default multitask when given, else the first)")
     parser.set_defaults(func=run)
 
 
@@ -74,6 +96,17 @@ def run(args: argparse.Namespace) -> int:
             value = getattr(args, name)
             if value is not None and not 0 <= value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a probability in [0, 1), got {value}")
+        if args.mc_samples < 0:
+            raise ValueError(f"--mc-samples must be >= 0, got {args.mc_samples}")
+        if not 0 <= args.mc_threshold < 1:
+            raise ValueError(f"--mc-threshold must be a probability in [0, 1), got {args.mc_threshold}")
+        attack = None
+        if args.attack:
+            from ..train.attack import AttackConfig
+
+            attack = AttackConfig(epsilon=args.attack_epsilon, lam=args.attack_lambda, steps=args.attack_steps,
+                                  step_size=args.attack_step_size, noise_init=args.attack_noise,
+                                  norm=args.attack_norm, seed=args.attack_seed)
         overrides = {k: getattr(args, k) for k in DATA_KEYS if hasattr(args, k)}
         if "shape" in overrides:
             overrides["shape"] = tuple(overrides["shape"])
@@ -81,8 +114,9 @@ def run(args: argparse.Namespace) -> int:
             checkpoints, data_overrides=overrides, split=args.split, device=args.device,
             batch_size=args.batch_size, amp=args.amp, count_threshold=args.count_threshold,
             baseline_threshold=args.baseline_threshold, seg_threshold=args.seg_threshold, n_bins=args.n_bins,
-            num_workers=args.num_workers)
-        paths = write_report(results, args.out_dir, plots=args.plots)
+            num_workers=args.num_workers, attack=attack, mc_samples=args.mc_samples, mc_threshold=args.mc_threshold)
+        paths = write_report(results, args.out_dir, plots=args.plots, paper_table=args.paper_table,
+                             reference=args.reference)
     except (ValueError, FileNotFoundError, ConfigError) as exc:
         print(f"lesioncount evaluate-model: {exc}", file=sys.stderr)
         return 2

@@ -52,6 +52,7 @@ SWEEP_THRESHOLDS = tuple(round(0.1 * k, 1) for k in range(1, 10))  # 0.1 .. 0.9
 DISCARD_FRACTIONS = tuple(round(0.05 * k, 2) for k in range(0, 11))  # 0 .. 0.5
 THIS_METHOD = "count distribution"
 BASELINE = "cc_count"
+MC_METHOD = "MC-dropout cc_count"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,6 +189,16 @@ class ModelEvaluation:
     connectivity: int
     n_bins: int
     summary: dict = field(default_factory=dict)
+    # "count distribution" (this method, a UNet) or "count head" (a parametric baseline: pmf = its softmax)
+    method: str = "count distribution"
+    # the attack (lesioncount.train.attack): (N, M+1) pmf under attack, (N,) perturbation norms, settings
+    attacked_pmf: torch.Tensor | None = None
+    attack_delta_norm: torch.Tensor | None = None
+    attack_settings: dict | None = None
+    # MC-dropout connected components (lesioncount.train.uncertainty): (N, M+1), samples, threshold
+    mc_pmf: torch.Tensor | None = None
+    mc_samples: int = 0
+    mc_threshold: float = 0.5
 
 
 @torch.no_grad()
@@ -195,8 +206,13 @@ def evaluate_model(model: torch.nn.Module, dataset: Dataset, *, name: str = "mod
                    device="cpu", batch_size: int = 2, amp_dtype: torch.dtype | None = None,
                    count_threshold: float = 0.1, baseline_threshold: float = 0.5, seg_threshold: float = 0.5,
                    connectivity: int = 18, max_count: int = 4, n_bins: int = 10,
-                   sweep_thresholds=SWEEP_THRESHOLDS, num_workers: int = 0) -> ModelEvaluation:
+                   sweep_thresholds=SWEEP_THRESHOLDS, num_workers: int = 0, attack=None,
+                   mc_samples: int = 0, mc_threshold: float = 0.5, mc_seed: int = 0) -> ModelEvaluation:
     """Run ``model`` over ``dataset`` and collect everything Table 1 / C.1 need (see module doc).
+
+    A count-head model (:class:`~lesioncount.train.count_heads.CountHeadUNet`) is scored by the
+    softmax of its count head (``method = "count head"``); the cc_count baseline, the segmentation
+    metrics and the threshold sweep use its segmentation output like any UNet's.
 
     Args:
         model: logits network, (B, C, D, H, W) -> (B, 1, D, H, W).
@@ -205,6 +221,10 @@ def evaluate_model(model: torch.nn.Module, dataset: Dataset, *, name: str = "mod
         baseline_threshold: threshold of the cc_count baseline (0.5).
         seg_threshold: threshold of the voxel-wise F1.
         sweep_thresholds: thresholds of the Table C.1 sweep (both methods).
+        attack: an :class:`~lesioncount.train.attack.AttackConfig` to also run the entropy attack
+            on every case (SR / AD); None skips it.
+        mc_samples: MC-dropout samples of the probabilistic connected-components baseline at
+            ``mc_threshold`` (paper: 50 at 0.5); 0 skips it. Only for models without a count head.
 
     Returns:
         :class:`ModelEvaluation` (call :func:`summarize` for the metrics).
@@ -218,30 +238,57 @@ def evaluate_model(model: torch.nn.Module, dataset: Dataset, *, name: str = "mod
     device = torch.device(device)
     if len(dataset) == 0:
         raise ValueError(f"{name}: the test split is empty")
+    from .count_heads import has_count_head
+
     model = model.to(device).eval()
+    head_model = has_count_head(model)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     voxels = VoxelStats(threshold=seg_threshold, n_bins=n_bins)
     thresholds = tuple(float(t) for t in sweep_thresholds)
     parts: dict[str, list] = {k: [] for k in ("counts", "pmf", "log_pmf", "expected", "entropy", "num",
-                                              "baseline", "sweep_pmf", "sweep_cc")}
+                                              "baseline", "sweep_pmf", "sweep_cc", "attacked", "norm", "mc")}
     case_names: list[str] = []
     autocast = torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     for batch in loader:
         image = batch["image"].to(device)
         with autocast:
-            logits = model(image)
+            output = model(image, with_count=True) if head_model else model(image)
+        logits, count_logits = output if head_model else (output, None)
         logits = logits.float()
         mask = batch["mask"].to(device)
         voxels.update(torch.sigmoid(logits), mask)
         result = lesioncount.count_distribution(logits, threshold=count_threshold, connectivity=connectivity,
                                                 max_count=max_count, from_logits=True)
         parts["counts"].append(batch["count"].reshape(-1).long())
-        parts["pmf"].append(result.pmf.double().cpu())
-        parts["log_pmf"].append(result.log_pmf.double().cpu())
-        parts["expected"].append(result.expected_count.double().cpu())
-        parts["entropy"].append(result.entropy.double().cpu())
+        if head_model:
+            log_pmf = torch.log_softmax(count_logits.double(), dim=1).cpu()
+            pmf = log_pmf.exp()
+            parts["pmf"].append(pmf)
+            parts["log_pmf"].append(log_pmf)
+            parts["expected"].append((pmf * torch.arange(max_count + 1, dtype=torch.float64)).sum(1))
+            parts["entropy"].append(-(pmf * log_pmf.clamp_min(-1e4)).sum(1))
+        else:
+            parts["pmf"].append(result.pmf.double().cpu())
+            parts["log_pmf"].append(result.log_pmf.double().cpu())
+            parts["expected"].append(result.expected_count.double().cpu())
+            parts["entropy"].append(result.entropy.double().cpu())
         parts["num"].append(result.num_lesions.cpu())
+        if attack is not None:
+            from .attack import attack_count_entropy, replace_counting
+
+            with torch.enable_grad():
+                res = attack_count_entropy(model, image, replace_counting(attack, count_threshold, connectivity,
+                                                                          max_count),
+                                           index_offset=len(case_names))
+            parts["attacked"].append(res.attacked_log_pmf.double().exp().cpu())
+            parts["norm"].append(res.delta_norm.double().cpu())
+        if mc_samples and not head_model:
+            from .uncertainty import mc_dropout_count_pmf
+
+            parts["mc"].append(mc_dropout_count_pmf(model, image, num_samples=mc_samples, threshold=mc_threshold,
+                                                    connectivity=connectivity, max_count=max_count,
+                                                    seed=mc_seed + len(case_names)))
         parts["baseline"].append(lesioncount.cc_count(logits, threshold=baseline_threshold,
                                                       connectivity=connectivity, from_logits=True).cpu())
         sweep_pmf, sweep_cc = [], []
@@ -256,13 +303,16 @@ def evaluate_model(model: torch.nn.Module, dataset: Dataset, *, name: str = "mod
         names = batch.get("name")
         case_names.extend(list(names) if names is not None else
                           [f"case{len(case_names) + i:04d}" for i in range(image.shape[0])])
-    cat = {k: torch.cat(v) for k, v in parts.items()}
+    cat = {k: torch.cat(v) for k, v in parts.items() if v}
     evaluation = ModelEvaluation(
         name=name, checkpoint=str(checkpoint), case_names=case_names, counts=cat["counts"], pmf=cat["pmf"],
         log_pmf=cat["log_pmf"], expected_count=cat["expected"], entropy=cat["entropy"], num_candidates=cat["num"],
         baseline_counts=cat["baseline"], sweep_thresholds=thresholds, sweep_pmf=cat["sweep_pmf"],
         sweep_cc_counts=cat["sweep_cc"], voxels=voxels, max_count=max_count, count_threshold=count_threshold,
-        baseline_threshold=baseline_threshold, connectivity=connectivity, n_bins=n_bins)
+        baseline_threshold=baseline_threshold, connectivity=connectivity, n_bins=n_bins,
+        method="count head" if head_model else THIS_METHOD, attacked_pmf=cat.get("attacked"),
+        attack_delta_norm=cat.get("norm"), attack_settings=attack.to_dict() if attack is not None else None,
+        mc_pmf=cat.get("mc"), mc_samples=mc_samples if "mc" in cat else 0, mc_threshold=mc_threshold)
     evaluation.summary = summarize(evaluation)
     return evaluation
 
@@ -301,7 +351,9 @@ def summarize(ev: ModelEvaluation, fractions=DISCARD_FRACTIONS) -> dict:
     nll = -ev.log_pmf.gather(1, target_bins.view(-1, 1)).squeeze(1)
     ours["count_nll"] = float(nll.mean())  # +inf as soon as one case is infeasible (kept honest)
     # infeasible: more true lesions (tail bin: M) than candidates, so P(C = count) = 0 and the NLL is +inf
-    infeasible = target_bins > ev.num_candidates.to(target_bins.device)
+    # (a count head's softmax is never 0: no case is infeasible for it)
+    infeasible = ~torch.isfinite(nll) if ev.method != THIS_METHOD else \
+        target_bins > ev.num_candidates.to(target_bins.device)
     ours["count_infeasible"] = float(infeasible.double().mean())
     ours["count_nll_feasible"] = float(nll[~infeasible].mean()) if bool((~infeasible).any()) else float("nan")
     ours["count_mae"] = float((ev.expected_count - ev.counts.double()).abs().mean())
@@ -310,10 +362,43 @@ def summarize(ev: ModelEvaluation, fractions=DISCARD_FRACTIONS) -> dict:
     baseline["count_infeasible"] = float("nan")
     baseline["count_nll_feasible"] = float("nan")
     baseline["count_mae"] = float((ev.baseline_counts - ev.counts).abs().double().mean())
+    nan = float("nan")
+    attack_cols = {"attack_sr": nan, "attack_ad": nan}
+    if ev.attacked_pmf is not None:
+        from .attack import attack_scores
+
+        a = attack_scores(ev.pmf.argmax(1), ev.attacked_pmf.argmax(1), ev.counts, max_count=M)
+        ours_attack = {"attack_sr": a["success_rate"], "attack_ad": a["accuracy_drop"]}
+    else:
+        ours_attack = dict(attack_cols)
+    method = f"{THIS_METHOD} (tau={ev.count_threshold:g})" if ev.method == THIS_METHOD else ev.method
     rows = [
-        {"model": ev.name, "method": f"{THIS_METHOD} (tau={ev.count_threshold:g})", **ours, **seg},
-        {"model": ev.name, "method": f"{BASELINE} (tau={ev.baseline_threshold:g})", **baseline, **seg},
+        {"model": ev.name, "method": method, **ours, **seg, **ours_attack},
+        {"model": ev.name, "method": f"{BASELINE} (tau={ev.baseline_threshold:g})", **baseline, **seg,
+         **attack_cols},
     ]
+    uncertainty = []
+    pmfs = [(ev.method, ev.pmf)]
+    if ev.mc_pmf is not None:
+        mc = scores(ev.mc_pmf, ev.mc_pmf.argmax(1))
+        mc_nll = -torch.log(ev.mc_pmf.gather(1, target_bins.view(-1, 1)).squeeze(1))
+        mc_infeasible = ~torch.isfinite(mc_nll)
+        mc.update({"count_nll": float(mc_nll.mean()), "count_infeasible": float(mc_infeasible.double().mean()),
+                   "count_nll_feasible": float(mc_nll[~mc_infeasible].mean()) if bool((~mc_infeasible).any()) else nan,
+                   "count_mae": float(((ev.mc_pmf * torch.arange(M + 1, dtype=torch.float64)).sum(1)
+                                       - ev.counts.double()).abs().mean())})
+        rows.append({"model": ev.name, "method": f"{MC_METHOD} (n={ev.mc_samples}, tau={ev.mc_threshold:g})", **mc,
+                     **seg, **attack_cols})
+        pmfs.append((MC_METHOD, ev.mc_pmf))
+    from .uncertainty import accuracy_after_discarding
+
+    for label, pmf in pmfs:
+        correct = pmf.argmax(1) == target_bins.to(pmf.device)
+        entropy = -(pmf * torch.log(pmf.clamp_min(1e-300))).sum(1)
+        for most in (True, False):
+            acc = accuracy_after_discarding(correct, entropy, list(fractions), most_uncertain=most)
+            uncertainty += [{"model": ev.name, "method": label, "discarded": "most" if most else "least",
+                             "fraction": float(f), "accuracy": float(a)} for f, a in zip(fractions, acc.tolist())]
     sweep = []
     for j, t in enumerate(ev.sweep_thresholds):
         for method, predicted in ((THIS_METHOD, ev.sweep_pmf[:, j].argmax(1)), (BASELINE, ev.sweep_cc_counts[:, j])):
@@ -324,7 +409,7 @@ def summarize(ev: ModelEvaluation, fractions=DISCARD_FRACTIONS) -> dict:
     accuracies = metrics.accuracy_vs_discarded(ev.pmf, ev.counts, list(fractions), max_count=M)
     discarded = [{"model": ev.name, "fraction": float(f), "accuracy": float(a)}
                  for f, a in zip(fractions, accuracies.tolist())]
-    return {"rows": rows, "sweep": sweep, "discarded": discarded}
+    return {"rows": rows, "sweep": sweep, "discarded": discarded, "uncertainty": uncertainty}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,7 +423,8 @@ def evaluate_checkpoints(checkpoints: dict, *, data_overrides: dict | None = Non
                          device: str = "auto", batch_size: int | None = None, amp: str = "auto",
                          count_threshold: float | None = None, baseline_threshold: float = 0.5,
                          seg_threshold: float = 0.5, max_count: int | None = None, n_bins: int = 10,
-                         num_workers: int = 0, log=print) -> dict:
+                         num_workers: int = 0, log=print, attack=None, mc_samples: int = 0,
+                         mc_threshold: float = 0.5) -> dict:
     """Evaluate several checkpoints on the same split.
 
     The data settings (source, folder, split sizes, shape, connectivity, seed) come from the first
@@ -349,6 +435,9 @@ def evaluate_checkpoints(checkpoints: dict, *, data_overrides: dict | None = Non
         checkpoints: display name -> checkpoint path (``best.pt`` / ``last.pt``).
         split: "test" (default) or "val".
         count_threshold / max_count: default to the first checkpoint's training settings.
+        attack: an :class:`~lesioncount.train.attack.AttackConfig` (SR / AD for every model) or None.
+        mc_samples / mc_threshold: MC-dropout connected components for every model without a count
+            head (0: off).
 
     Returns:
         dict with ``models`` (name -> :class:`ModelEvaluation`), ``data`` (the data settings used),
@@ -405,7 +494,8 @@ def evaluate_checkpoints(checkpoints: dict, *, data_overrides: dict | None = Non
             baseline_threshold=baseline_threshold, seg_threshold=seg_threshold,
             connectivity=data_config.connectivity,
             max_count=config.max_count if max_count is None else max_count, n_bins=n_bins,
-            num_workers=num_workers)
+            num_workers=num_workers, attack=attack, mc_samples=mc_samples, mc_threshold=mc_threshold,
+            mc_seed=data_config.seed)
     return {"models": models, "data": data_config.to_dict(), "split": split, "notes": notes,
             "num_cases": len(dataset)}
 
@@ -415,7 +505,8 @@ def evaluate_checkpoints(checkpoints: dict, *, data_overrides: dict | None = Non
 # ----------------------------------------------------------------------------------------------
 
 TABLE1_COLUMNS = ("model", "method", "count_accuracy", "count_f1", "count_ece", "count_mce", "count_nll",
-                  "count_infeasible", "count_nll_feasible", "count_mae", "seg_f1", "seg_ece", "seg_mce")
+                  "count_infeasible", "count_nll_feasible", "count_mae", "seg_f1", "seg_ece", "seg_mce",
+                  "attack_sr", "attack_ad")
 
 
 def _fmt(value) -> str:
@@ -438,11 +529,20 @@ def _markdown_table(rows: list, columns) -> list[str]:
     return lines
 
 
-def write_report(results: dict, out_dir, plots: bool = True) -> dict:
+def write_report(results: dict, out_dir, plots: bool = True, paper_table: str | None = None,
+                 reference: str | None = None) -> dict:
     """Write the markdown report, the CSV tables and (with ``plots``) the PNG figures to ``out_dir``.
 
+    Args:
+        paper_table: ``"1"`` or ``"C.2"``: add the paper's Table 1 (full data) or Table C.2 (1% of
+            the training data) beside ours, matched by model name (``post_hoc``, ``bottleneck``,
+            ``multihead``, ``downstream``, ``multitask``; see :data:`PAPER_TABLES`).
+        reference: the model the others are compared with, paired on the same cases (exact McNemar,
+            bootstrap interval of the accuracy difference; ``paired.csv``); default ``multitask``
+            when present, else the first model.
+
     Returns a dict of the paths written (``report``, ``table1``, ``sweep``, ``discarded``,
-    ``per_case`` and ``figures``: a list).
+    ``uncertainty``, ``paired``, ``per_case`` and ``figures``: a list).
 
     Example:
         >>> paths = write_report(evaluate_checkpoints({"m": "run/best.pt"}), "eval")   # doctest: +SKIP
@@ -457,7 +557,18 @@ def write_report(results: dict, out_dir, plots: bool = True) -> dict:
     discarded = [row for ev in models.values() for row in ev.summary["discarded"]]
     paths = {"table1": out / "table1.csv", "sweep": out / "threshold_sweep.csv",
              "discarded": out / "accuracy_vs_discarded.csv", "per_case": out / "per_case.csv",
+             "uncertainty": out / "uncertainty.csv", "paired": out / "paired.csv",
              "report": out / "report.md", "figures": []}
+    if paper_table is not None and paper_table not in PAPER_TABLES:
+        raise ValueError(f"`paper_table` must be one of {sorted(PAPER_TABLES)} or None, got {paper_table!r}")
+    if reference is not None and reference not in models:
+        raise ValueError(f"`reference` {reference!r} is not one of the evaluated models {list(models)}")
+    if reference is None:
+        reference = "multitask" if "multitask" in models else next(iter(models))
+    uncertainty_rows = [row for ev in models.values() for row in ev.summary.get("uncertainty", [])]
+    _write_csv(paths["uncertainty"], uncertainty_rows, ("model", "method", "discarded", "fraction", "accuracy"))
+    paired = _paired_rows(models, reference)
+    _write_csv(paths["paired"], paired, PAIRED_COLUMNS)
     _write_csv(paths["table1"], table1, TABLE1_COLUMNS)
     _write_csv(paths["sweep"], sweep, ("model", "threshold", "method", "accuracy", "f1"))
     _write_csv(paths["discarded"], discarded, ("model", "fraction", "accuracy"))
@@ -479,6 +590,7 @@ def write_report(results: dict, out_dir, plots: bool = True) -> dict:
 
     if plots:
         paths["figures"] = _write_figures(models, out)
+        paths["figures"] += _write_uncertainty_figures(models, out)
 
     data = results.get("data", {})
     lines = [
@@ -515,6 +627,40 @@ def write_report(results: dict, out_dir, plots: bool = True) -> dict:
     disc_rows = [{"model": ev.name, **{f"{f:g}": r["accuracy"] for f, r in zip(fractions, ev.summary["discarded"])}}
                  for ev in models.values()]
     lines += _markdown_table(disc_rows, ["model"] + [f"{f:g}" for f in fractions])
+    if paired:
+        lines += ["", f"## Paired comparison with `{reference}` (same cases)", "",
+                  f"a_only: cases `{reference}` counts right and the other model wrong; b_only: the reverse; "
+                  f"exact McNemar p on the discordant cases; 95% paired bootstrap interval of the accuracy "
+                  f"difference (reference - other).", ""]
+        lines += _markdown_table(paired, PAIRED_COLUMNS)
+    attacked = [ev for ev in models.values() if ev.attack_settings is not None]
+    if attacked:
+        settings = attacked[0].attack_settings
+        lines += ["", "## Attack", "",
+                  "Entropy-maximising attack on the count distribution (lesioncount.train.attack): "
+                  + ", ".join(f"{k}={v}" for k, v in settings.items())
+                  + ". attack_sr: share of cases whose most likely count changed; attack_ad: count accuracy "
+                    "clean minus attacked.", ""]
+        lines += _markdown_table([{"model": ev.name, "method": ev.summary["rows"][0]["method"],
+                                   "attack_sr": ev.summary["rows"][0]["attack_sr"],
+                                   "attack_ad": ev.summary["rows"][0]["attack_ad"],
+                                   "mean_delta_norm": float(ev.attack_delta_norm.mean()),
+                                   "max_delta_norm": float(ev.attack_delta_norm.max())} for ev in attacked],
+                                 ["model", "method", "attack_sr", "attack_ad", "mean_delta_norm", "max_delta_norm"])
+    if uncertainty_rows:
+        lines += ["", "## Accuracy after discarding the most / least uncertain cases (entropy of each pmf)", ""]
+        ufr = sorted({r["fraction"] for r in uncertainty_rows})
+        keyed: dict = {}
+        for r in uncertainty_rows:
+            keyed.setdefault((r["model"], r["method"], r["discarded"]), {})[f"{r['fraction']:g}"] = r["accuracy"]
+        urows = [{"model": k[0], "method": k[1], "discarded": k[2], **v} for k, v in keyed.items()]
+        lines += _markdown_table(urows, ["model", "method", "discarded"] + [f"{f:g}" for f in ufr])
+    if paper_table is not None:
+        lines += ["", f"## Paper's Table {paper_table} beside ours", "",
+                  "Paper: Schroeter et al., MIDL 2022 (real MS data, GPU-sized UNet). Ours: the main method of each "
+                  "model (count distribution or count head). Accuracy, F1, SR and AD in %, seg ECE in 1e-5 "
+                  "(the paper's units). Unmatched model names are left out.", ""]
+        lines += _markdown_table(_paper_rows(models, paper_table), PAPER_COLUMNS)
     lines += ["", "## Models", ""]
     lines += [f"- **{ev.name}**: `{ev.checkpoint}`" for ev in models.values()]
     for note in results.get("notes", []):
@@ -549,6 +695,112 @@ def _write_figures(models: dict, out: pathlib.Path) -> list:
             series[f"{ev.name}: {method}"] = [r["accuracy"] for r in ev.summary["sweep"] if r["method"] == method]
     fig = plot.plot_threshold_sweep(list(first.sweep_thresholds), series, "count accuracy")
     figures.append(plot.save_figure(fig, out / "threshold_sweep.png"))
+    return [pathlib.Path(p) for p in figures]
+
+
+# The paper's numbers (Table 1: full data; Table C.2: 1% of the training data), keyed by our model
+# names: acc, count F1, seg F1 in %, seg ECE in 1e-5, seg MCE, SR and AD in %.
+PAPER_TABLES = {
+    "1": {
+        "bottleneck": {"acc": 87.6, "f1": 67.3, "seg_f1": 69.3, "ece": 8.05, "mce": 0.363, "sr": 86.1, "ad": 74.76},
+        "multihead": {"acc": 88.7, "f1": 70.8, "seg_f1": 68.4, "ece": 3.64, "mce": 0.213, "sr": 24.7, "ad": 21.80},
+        "downstream": {"acc": 86.7, "f1": 64.2, "seg_f1": 62.0, "ece": 9.51, "mce": 0.160, "sr": 14.4, "ad": 12.43},
+        "multitask": {"acc": 88.3, "f1": 70.8, "seg_f1": 66.2, "ece": 0.72, "mce": 0.077, "sr": 8.1, "ad": 7.07},
+        "post_hoc": {"mce": 0.234},
+    },
+    "C.2": {
+        "bottleneck": {"acc": 76.6, "f1": 41.5, "seg_f1": 66.7, "ece": 6.13, "mce": 0.306},
+        "multihead": {"acc": 80.8, "f1": 47.6, "seg_f1": 58.0, "ece": 5.13, "mce": 0.276},
+        "downstream": {"acc": 82.9, "f1": 54.4, "seg_f1": 59.2, "ece": 1.64, "mce": 0.119},
+        "multitask": {"acc": 86.0, "f1": 65.1, "seg_f1": 58.4, "ece": 2.70, "mce": 0.524},
+        "post_hoc": {"acc": 86.5, "f1": 70.9, "seg_f1": 68.2, "ece": 0.95, "mce": 0.116},
+    },
+}
+PAPER_COLUMNS = ("model", "source", "acc", "f1", "seg_f1", "ece", "mce", "sr", "ad")
+PAIRED_COLUMNS = ("reference", "model", "method", "accuracy_a", "accuracy_b", "difference", "a_only", "b_only",
+                  "mcnemar_p", "ci_low", "ci_high")
+
+
+def _paper_rows(models: dict, table: str) -> list:
+    nan = float("nan")
+    rows = []
+    for name, paper in PAPER_TABLES[table].items():
+        if name not in models:
+            continue
+        r = models[name].summary["rows"][0]
+        rows.append({"model": name, "source": "paper", **{k: paper.get(k, nan) for k in PAPER_COLUMNS[2:]}})
+        rows.append({"model": name, "source": f"ours ({r['method']})", "acc": 100 * r["count_accuracy"],
+                     "f1": 100 * r["count_f1"], "seg_f1": 100 * r["seg_f1"], "ece": 1e5 * r["seg_ece"],
+                     "mce": r["seg_mce"], "sr": 100 * r["attack_sr"], "ad": 100 * r["attack_ad"]})
+    return rows
+
+
+def _correct(ev: ModelEvaluation, pmf: torch.Tensor | None = None) -> torch.Tensor:
+    pmf = ev.pmf if pmf is None else pmf
+    return pmf.argmax(1) == ev.counts.clamp_max(ev.max_count)
+
+
+def _paired_rows(models: dict, reference: str) -> list:
+    from .uncertainty import paired_comparison
+
+    ref = models[reference]
+    rows = []
+    candidates = [(name, ev.summary["rows"][0]["method"], _correct(ev)) for name, ev in models.items()
+                  if name != reference]
+    candidates.append((reference, f"{BASELINE} (tau={ref.baseline_threshold:g})",
+                       ref.baseline_counts.clamp_max(ref.max_count) == ref.counts.clamp_max(ref.max_count)))
+    for name, ev in models.items():
+        if ev.mc_pmf is not None:
+            candidates.append((name, MC_METHOD, _correct(ev, ev.mc_pmf)))
+    for name, method, correct in candidates:
+        if models[name].case_names != ref.case_names:
+            continue  # not the same cases: no pairing
+        rows.append({"reference": reference, "model": name, "method": method,
+                     **paired_comparison(_correct(ref), correct)})
+    return rows
+
+
+def _write_uncertainty_figures(models: dict, out: pathlib.Path) -> list:
+    """Fig. C.4 (accuracy after discarding the most / least uncertain) and Fig. C.5 (entropy of the
+    correct vs the incorrect predictions) for every model's main pmf and its MC-dropout pmf."""
+    import numpy as np
+
+    from .. import plot
+
+    figures = []
+    series = []
+    for ev in models.values():
+        series.append((f"{ev.name}: {ev.method}", ev.pmf, ev))
+        if ev.mc_pmf is not None:
+            series.append((f"{ev.name}: {MC_METHOD}", ev.mc_pmf, ev))
+    rows = [r for ev in models.values() for r in ev.summary.get("uncertainty", [])]
+    if rows:
+        fig, axes = plot.new_figure(1, 2, figsize=(11.0, 4.0))
+        for ax, which in zip(axes, ("least", "most")):
+            for ev in models.values():
+                for method in {r["method"] for r in rows if r["model"] == ev.name}:
+                    pts = [(r["fraction"], r["accuracy"]) for r in rows
+                           if r["model"] == ev.name and r["method"] == method and r["discarded"] == which]
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{ev.name}: {method}")
+            ax.set_xlabel(f"fraction of the {which} uncertain cases discarded")
+            ax.set_ylabel("count accuracy")
+            ax.set_title(f"discarding the {which} uncertain")
+            ax.grid(alpha=0.3)
+        axes[1].legend(fontsize=7)
+        figures.append(plot.save_figure(fig, out / "uncertainty_curves.png"))
+    fig, axes = plot.new_figure(1, len(series), figsize=(3.2 * len(series), 3.2))
+    axes = np.atleast_1d(axes)
+    for ax, (label, pmf, ev) in zip(axes, series):
+        entropy = (-(pmf * torch.log(pmf.clamp_min(1e-300))).sum(1)).numpy()
+        correct = _correct(ev, pmf).numpy()
+        edges = np.linspace(0, math.log(pmf.shape[1]), 11)
+        ax.hist([entropy[correct], entropy[~correct]], bins=edges, label=["correct", "incorrect"],
+                color=["tab:green", "tab:red"])
+        ax.set_title(label, fontsize=8)
+        ax.set_xlabel("entropy (nats)")
+    axes[0].set_ylabel("cases")
+    axes[0].legend(fontsize=7)
+    figures.append(plot.save_figure(fig, out / "entropy_histograms.png"))
     return [pathlib.Path(p) for p in figures]
 
 
