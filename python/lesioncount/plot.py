@@ -27,6 +27,8 @@ __all__ = [
     "new_figure",
     "plot_accuracy_vs_discarded",
     "plot_count_distribution",
+    "plot_froc",
+    "plot_precision_recall",
     "plot_reliability_diagram",
     "plot_slice_overlay",
     "plot_threshold_sweep",
@@ -230,6 +232,78 @@ def plot_threshold_sweep(thresholds, values: Mapping[str, Sequence[float]], ylab
         >>> fig = plot_threshold_sweep([0.1, 0.5, 0.9], {"ours": [0.8, 0.7, 0.5], "cc_count": [0.3, 0.6, 0.5]}, "accuracy")
     """
     return _line_plot(thresholds, values, "threshold", ylabel, f"{ylabel} vs threshold", ax)
+
+
+def plot_froc(curves: Mapping[str, Mapping], ax=None, max_fp: float = 8.0):
+    """FROC curves (lesion sensitivity against false positives per scan, log x axis), one per method.
+
+    Args:
+        curves: name -> a :func:`lesioncount.detection.froc` dict (``fps_per_image``, ``sensitivity``,
+            ``fp_rates``, ``sensitivities``, ``cpm``); the CPM points are marked and the CPM is in the legend.
+        ax: Axes to draw into.
+        max_fp: right end of the x axis.
+
+    Returns:
+        the Figure.
+
+    Example:
+        >>> from lesioncount.detection import froc
+        >>> fig = plot_froc({"p_k": froc([0.9, 0.5, 0.2], [True, False, True], n_targets=3, n_images=2)})
+    """
+    if not curves:
+        raise ValueError("nothing to plot: no FROC curve given")
+    fig, ax = _axes(ax)
+    for name, c in curves.items():
+        x = _to_numpy(c["fps_per_image"], name).astype(np.float64)
+        y = _to_numpy(c["sensitivity"], name).astype(np.float64)
+        line, = ax.step(x, y, where="post", label=f"{name} (CPM {float(c['cpm']):.3f})")
+        ax.plot(_to_numpy(c["fp_rates"], name), _to_numpy(c["sensitivities"], name), "o", color=line.get_color(), ms=4)
+    ax.set_xscale("symlog", linthresh=0.125)
+    ax.set_xlim(0, max_fp)
+    ticks = [0.0] + [0.125 * 2 ** i for i in range(12) if 0.125 * 2 ** i <= max_fp]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("false positives per scan")
+    ax.set_ylabel("lesion sensitivity")
+    ax.set_title("FROC")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def plot_precision_recall(curves: Mapping[str, Mapping], ax=None):
+    """Lesion-level precision-recall curves, one per method; AP in the legend.
+
+    Args:
+        curves: name -> a :func:`lesioncount.detection.precision_recall_curve` dict (``precision``,
+            ``recall``), with an optional ``ap``.
+        ax: Axes to draw into.
+
+    Returns:
+        the Figure.
+
+    Example:
+        >>> from lesioncount.detection import precision_recall_curve
+        >>> fig = plot_precision_recall({"p_k": precision_recall_curve([0.9, 0.5], [True, False], n_targets=2)})
+    """
+    if not curves:
+        raise ValueError("nothing to plot: no precision-recall curve given")
+    fig, ax = _axes(ax)
+    for name, c in curves.items():
+        r = np.r_[0.0, _to_numpy(c["recall"], name).astype(np.float64)]
+        p = _to_numpy(c["precision"], name).astype(np.float64)
+        p = np.r_[p[:1] if p.size else [1.0], p]
+        label = f"{name} (AP {float(c['ap']):.3f})" if "ap" in c else name
+        ax.step(r, p, where="pre", label=label)
+    ax.set_xlim(0, 1.0)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("lesion recall")
+    ax.set_ylabel("lesion precision")
+    ax.set_title("Precision-recall (score p_k)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
 
 
 def _line_plot(x, series, xlabel, ylabel, title, ax):
