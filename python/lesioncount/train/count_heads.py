@@ -163,7 +163,11 @@ class CountHeadUNet(nn.Module):
             channels, deep = self.unet.filters[1], True
         else:
             channels, deep = out_channels, True
-        self.count_head = CountNetwork3d(channels, max_count + 1, filters=head_filters, deep=deep, dropout=dropout)
+        # the head's initial weights are drawn from a fork of the global stream, which is left where the
+        # UNet left it: dropout during the segmentation-only epochs then matches a plain UNet's run bit for bit
+        with torch.random.fork_rng(devices=[]):
+            self.count_head = CountNetwork3d(channels, max_count + 1, filters=head_filters, deep=deep,
+                                             dropout=dropout)
 
     # the UNet's attributes that callers use (checks, sizes)
     @property
