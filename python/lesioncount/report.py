@@ -7,7 +7,11 @@ The pipeline for one case (what ``lesioncount count`` runs):
    (1, X, Y, Z) tensor, plus the thresholded connected-component baseline
    (:func:`lesioncount.cc_count` at 0.5) with the same mask, connectivity and minimum size.
 2. :func:`case_report` turns that into a JSON-able dict (schema below); :func:`summary_row` into
-   one flat CSV row.
+   one flat CSV row, :func:`lesion_rows` into one CSV row per lesion candidate.
+
+:func:`count_file` and :func:`count_array` run both steps on one file or one in-memory array and
+return the report ``lesioncount count`` writes as ``CASE.json`` (the Python API for scripts that
+fan a folder out themselves; see :func:`count_file` for a ``concurrent.futures`` example).
 
 Report schema (``CASE.json``), M = ``max_count``::
 
@@ -67,6 +71,11 @@ __all__ = [
     "case_report",
     "summary_fields",
     "summary_row",
+    "lesion_fields",
+    "lesion_rows",
+    "check_mask",
+    "count_file",
+    "count_array",
 ]
 
 #: Default level of the count credible interval.
@@ -520,3 +529,193 @@ def summary_row(report: dict) -> dict:
     for key in ("read_s", "count_s", "write_s"):
         row[key] = timings.get(key, "")
     return row
+
+
+def lesion_fields() -> list[str]:
+    """CSV header of :func:`lesion_rows` (``lesions.csv`` of ``lesioncount count``).
+
+    Example:
+        >>> lesion_fields()[:5]
+        ['case', 'lesion_id', 'probability', 'size_voxels', 'volume_mm3']
+    """
+    return ["case", "lesion_id", "probability", "size_voxels", "volume_mm3", "argmax_i", "argmax_j", "argmax_k",
+            "argmax_x_mm", "argmax_y_mm", "argmax_z_mm", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm"]
+
+
+def lesion_rows(report: dict) -> list[dict]:
+    """One flat CSV row per lesion candidate of a :func:`case_report` dict, in lesion id order.
+
+    Columns (:func:`lesion_fields`): case, lesion_id, probability (existence probability),
+    size_voxels, volume_mm3, argmax voxel index (argmax_i/j/k) and its world position in mm
+    (argmax_x/y/z_mm), centroid in world mm (centroid_x/y/z_mm).
+
+    Example:
+        >>> vol = Volume(np.zeros((8, 8, 8), np.float32), np.diag([2.0, 1.0, 1.0, 1.0]), "c", pathlib.Path("c.npy"))
+        >>> vol.data[2, 3, 4] = 0.7
+        >>> row = lesion_rows(case_report(vol, count_volume(vol, CountSettings()), CountSettings()))[0]
+        >>> row["case"], row["lesion_id"], row["size_voxels"], row["volume_mm3"], row["argmax_x_mm"]
+        ('c', 1, 1, 2.0, 4.0)
+    """
+    rows = []
+    for lesion in report["lesions"]:
+        i, j, k = lesion["argmax_index"]
+        x, y, z = lesion["argmax_world_mm"]
+        cx, cy, cz = lesion["centroid_world_mm"]
+        rows.append({"case": report["case"], "lesion_id": lesion["id"], "probability": lesion["probability"],
+                     "size_voxels": lesion["size_voxels"], "volume_mm3": lesion["volume_mm3"],
+                     "argmax_i": i, "argmax_j": j, "argmax_k": k,
+                     "argmax_x_mm": x, "argmax_y_mm": y, "argmax_z_mm": z,
+                     "centroid_x_mm": cx, "centroid_y_mm": cy, "centroid_z_mm": cz})
+    return rows
+
+
+def check_mask(volume: Volume, mask: Volume) -> None:
+    """ValueError unless ``mask`` lies on ``volume``'s grid: the same shape and, when both files
+    carry a geometry (not ``.npy``), the same affine within 1e-3 mm.
+
+    Example:
+        >>> v = Volume(np.zeros((4, 4, 4), np.float32), np.eye(4), "c", pathlib.Path("c.nii.gz"))
+        >>> check_mask(v, Volume(np.ones((4, 4, 4)), np.eye(4), "m", pathlib.Path("m.npy")))   # ok
+    """
+    def has_geometry(path) -> bool:
+        return not str(path).lower().endswith(".npy")
+
+    if tuple(mask.data.shape) != tuple(volume.data.shape):
+        raise ValueError(f"mask {mask.path} has shape {tuple(mask.data.shape)} but {volume.path.name} has shape "
+                         f"{tuple(volume.data.shape)}")
+    if has_geometry(mask.path) and has_geometry(volume.path) and not np.allclose(
+            mask.affine, volume.affine, rtol=1e-5, atol=1e-3):
+        raise ValueError(f"mask {mask.path} and {volume.path.name} have different affines "
+                         f"(mask {np.round(mask.affine, 4).tolist()} vs {np.round(volume.affine, 4).tolist()}); "
+                         f"resample the mask to the prediction grid")
+
+
+def _count_and_report(volume: Volume, settings: CountSettings, mask: Volume | None,
+                      labels_path=None, commit: bool = True):
+    """(report without timings, count_s, write_s, label map file or None): the shared core of
+    :func:`count_file`, :func:`count_array` and ``lesioncount count``."""
+    import time
+
+    t0 = time.perf_counter()
+    if mask is not None:
+        check_mask(volume, mask)
+    counted = count_volume(volume, settings, mask=None if mask is None else mask.data)
+    report = case_report(volume, counted, settings)
+    count_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    written = None
+    if labels_path is not None:
+        from .io import write_label_map
+
+        written = write_label_map(labels_path, counted.result.labels[0].numpy(), volume.affine, commit=commit)
+    return report, count_s, time.perf_counter() - t0, written
+
+
+_OPTIONS = ("threshold", "connectivity", "min_size", "min_volume", "max_count", "from_logits", "channel", "device",
+            "baseline_threshold")
+
+
+def _settings(options: dict, mask_name: str | None) -> CountSettings:
+    unknown = sorted(set(options) - set(_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(unknown)}; expected some of {', '.join(_OPTIONS)}")
+    return CountSettings(mask=mask_name, **options)
+
+
+def _mask_volume(mask, name: str) -> tuple[Volume | None, str | None]:
+    from .io import read_mask
+
+    if mask is None:
+        return None, None
+    if isinstance(mask, (str, pathlib.Path)):
+        return read_mask(mask), str(mask)
+    data = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+    return Volume(data, np.eye(4), name, pathlib.Path(f"{name}.npy")), "array"
+
+
+def count_file(path, *, mask=None, labels_path=None, missing_geometry: str = "error", **options) -> dict:
+    """Count one probability map file: the report ``lesioncount count`` writes as ``CASE.json``.
+
+    Args:
+        path: ``.nii`` / ``.nii.gz`` / nnU-Net ``.npz`` (with its sibling ``CASE.nii.gz``) /
+            ``.npy`` file (:func:`lesioncount.io.read_probability_map`).
+        mask: optional region of interest: a mask file (``.nii``, ``.nii.gz``, ``.npy``) or an
+            (X, Y, Z) array / tensor on the map's grid (nonzero = inside).
+        labels_path: optional ``.nii.gz`` / ``.nii`` file to write the candidate label map to
+            (atomically, with the input's affine), like ``--save-labels``.
+        missing_geometry: ``"error"`` or ``"identity"`` for an ``.npz`` without its sibling.
+        **options: the counting settings, as in :class:`CountSettings` and the ``count`` options:
+            ``threshold=0.1, connectivity=18, min_size=0, min_volume=None, max_count=4,
+            from_logits=False, channel=1, device="cpu", baseline_threshold=0.5``.
+
+    Returns:
+        The case report dict (schema in this module's docstring), equal to the ``CASE.json``
+        ``lesioncount count`` writes with the same settings except for ``timings_s``, which here
+        holds ``read_s``, ``read_cpu_s`` (of the calling thread), ``count_s`` and ``write_s``
+        (the label map; 0 without ``labels_path``).
+
+    Raises:
+        CaseReadError: the file (or mask file) cannot be read; ValueError: NaN, values outside
+        [0, 1] without ``from_logits``, a mask off the map's grid, bad settings; TypeError: an
+        unknown option.
+
+    It holds no global state and releases the GIL while decompressing and counting, so it can run
+    in threads or processes. Fanning a folder out over 4 workers::
+
+        >>> import concurrent.futures, functools
+        >>> from lesioncount.io import find_cases
+        >>> from lesioncount.report import count_file, summary_row
+        >>> count = functools.partial(count_file, threshold=0.1, min_volume=10.0)
+        >>> with concurrent.futures.ProcessPoolExecutor(4) as pool:     # or ThreadPoolExecutor   # doctest: +SKIP
+        ...     reports = list(pool.map(count, find_cases("predictions/")))   # in case order
+        >>> rows = [summary_row(r) for r in reports]                                             # doctest: +SKIP
+
+    (A failing case raises out of ``pool.map``; use ``pool.submit`` per case to collect failures
+    instead, as ``lesioncount count`` does in ``errors.csv``.)
+    """
+    import time
+
+    from .io import read_probability_map
+
+    t0, c0 = time.perf_counter(), time.thread_time()
+    volume = read_probability_map(path, channel=options.get("channel", 1), missing_geometry=missing_geometry)
+    mask_volume, mask_name = _mask_volume(mask, volume.name + "_mask")
+    read_s, read_cpu_s = time.perf_counter() - t0, time.thread_time() - c0
+    settings = _settings(options, mask_name)
+    report, count_s, write_s, _ = _count_and_report(volume, settings, mask_volume, labels_path)
+    report["timings_s"] = {"read_s": read_s, "read_cpu_s": read_cpu_s, "count_s": count_s, "write_s": write_s}
+    return report
+
+
+def count_array(data, affine=None, *, name: str = "array", mask=None, labels_path=None, **options) -> dict:
+    """Count one in-memory 3-D map: the same report as :func:`count_file` for that map on disk.
+
+    Args:
+        data: (X, Y, Z) NumPy array or tensor of probabilities (or logits with
+            ``from_logits=True``), in the voxel order of ``affine``.
+        affine: (4, 4) voxel-to-world matrix (default: identity, 1 mm voxels).
+        name: the case id written into the report (``case``; ``file`` is ``"<name>"``).
+        mask, labels_path, **options: as in :func:`count_file` (``channel`` does not apply).
+
+    Example:
+        >>> x = np.zeros((8, 8, 8), np.float32); x[2, 3, 4] = 0.7; x[6, 6, 6] = 0.4
+        >>> report = count_array(x, np.diag([0.5, 0.5, 2.0, 1.0]), name="demo", max_count=2)
+        >>> [round(p, 6) for p in report["count"]["pmf"]], report["lesions"][0]["argmax_world_mm"]
+        ([0.18, 0.54, 0.28], [1.0, 1.5, 8.0])
+    """
+    if isinstance(data, torch.Tensor):
+        data = data.detach().cpu().numpy()
+    data = np.asarray(data)
+    if data.ndim != 3:
+        raise ValueError(f"data must be a 3-D (X, Y, Z) array, got shape {data.shape}")
+    if data.dtype not in (np.float32, np.float64):
+        data = data.astype(np.float32)
+    from .io import _check_affine
+
+    affine = np.eye(4) if affine is None else _check_affine(pathlib.Path(f"<{name}>"), affine)
+    volume = Volume(np.ascontiguousarray(data), affine, name, pathlib.Path(f"<{name}>"))
+    mask_volume, mask_name = _mask_volume(mask, name + "_mask")
+    settings = _settings(options, mask_name)
+    report, count_s, write_s, _ = _count_and_report(volume, settings, mask_volume, labels_path)
+    report["timings_s"] = {"read_s": 0.0, "read_cpu_s": 0.0, "count_s": count_s, "write_s": write_s}
+    return report
