@@ -259,7 +259,8 @@ def test_nnunet_layout_end_to_end(tmp_path):
     (folder / "pat_01.pkl").write_bytes(b"not a pickle")
     out = tmp_path / "out"
     assert _run("-i", folder, "-o", out, "--save-labels") == 0
-    assert sorted(p.name for p in out.iterdir()) == ["errors.csv", "pat_01.json", "pat_01_labels.nii.gz", "summary.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["errors.csv", "lesions.csv", "pat_01.json", "pat_01_labels.nii.gz",
+                                                     "summary.csv"]  # no lock or temporary file left
     report = _load(out, "pat_01")
     sibling = nib.load(str(folder / "pat_01.nii.gz"))
     assert report["shape"] == list(sibling.shape) == [x, y, z]

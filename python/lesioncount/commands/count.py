@@ -66,12 +66,17 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import csv
 import json
 import math
 import os
 import pathlib
+import re
+import signal
+import socket
 import sys
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -123,8 +128,12 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads for the counting of each worker (default 1: the workers already use every "
                         "core, and counting one case takes tens of ms)")
-    p.add_argument("--num-parts", type=int, default=1, help="split the sorted case list into this many shards")
-    p.add_argument("--part-id", type=int, default=0, help="process shard i: cases k with k %% num_parts == i")
+    p.add_argument("--num-parts", type=_int_or_auto, default=1,
+                   help="split the sorted case list into this many shards; 'auto': SLURM_ARRAY_TASK_COUNT of a "
+                        "SLURM job array (then --part-id defaults to auto)")
+    p.add_argument("--part-id", type=_int_or_auto, default=None,
+                   help="process shard i: cases k with k %% num_parts == i (default 0); 'auto': "
+                        "SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN (divided by SLURM_ARRAY_TASK_STEP)")
     p.add_argument("--save-labels", action="store_true", help="write OUT_DIR/CASE_labels.nii.gz (input affine)")
     existing = p.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="recompute cases whose CASE.json exists")
@@ -140,6 +149,63 @@ def register(subparsers) -> None:
 
 class _UsageError(Exception):
     pass
+
+
+def _int_or_auto(value: str):
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {value!r}") from None
+
+
+_SLURM_VARS = ("SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN")
+
+
+def slurm_array_shard(environ=None) -> tuple[int, int]:
+    """``(num_parts, part_id)`` of this SLURM job-array task (``--num-parts auto --part-id auto``).
+
+    ``num_parts = SLURM_ARRAY_TASK_COUNT`` and ``part_id = (SLURM_ARRAY_TASK_ID -
+    SLURM_ARRAY_TASK_MIN) / SLURM_ARRAY_TASK_STEP`` (step 1 when unset), so ``sbatch --array=1-8``
+    and ``--array=0-14:2`` both give parts 0..7 of 8. The array must be a uniform range (``%``
+    throttling is fine): ``--array=1,5,7`` cannot be mapped onto parts and is refused.
+
+    Raises:
+        ValueError: a variable is missing (not a job-array task) or inconsistent; the message
+            names it and says what to pass instead.
+
+    Example:
+        >>> slurm_array_shard({"SLURM_ARRAY_TASK_COUNT": "8", "SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "1"})
+        (8, 2)
+    """
+    env = os.environ if environ is None else environ
+    missing = [name for name in _SLURM_VARS if not env.get(name)]
+    if missing:
+        raise ValueError(f"'auto' reads the SLURM job-array variables {', '.join(_SLURM_VARS)}, but "
+                         f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: this is not a task of a "
+                         f"SLURM job array (sbatch --array=0-N-1 ...); pass --num-parts N --part-id I instead")
+    values = {}
+    for name in _SLURM_VARS + ("SLURM_ARRAY_TASK_STEP", "SLURM_ARRAY_TASK_MAX"):
+        if env.get(name):
+            try:
+                values[name] = int(env[name])
+            except ValueError:
+                raise ValueError(f"{name}={env[name]!r} is not an integer") from None
+    count, task, low = (values[name] for name in _SLURM_VARS)
+    step = values.get("SLURM_ARRAY_TASK_STEP", 1)
+    if count < 1 or step < 1:
+        raise ValueError(f"SLURM_ARRAY_TASK_COUNT={count} and SLURM_ARRAY_TASK_STEP={step} must be >= 1")
+    high = values.get("SLURM_ARRAY_TASK_MAX", low + (count - 1) * step)
+    if high != low + (count - 1) * step or (task - low) % step:
+        raise ValueError(f"the SLURM job array is not a uniform range (SLURM_ARRAY_TASK_MIN={low}, "
+                         f"SLURM_ARRAY_TASK_MAX={high}, SLURM_ARRAY_TASK_STEP={step}, SLURM_ARRAY_TASK_COUNT={count}), "
+                         f"so task {task} cannot be mapped onto a part; submit --array=0-{count - 1}, or pass "
+                         f"--num-parts N --part-id I")
+    part = (task - low) // step
+    if not 0 <= part < count:
+        raise ValueError(f"SLURM_ARRAY_TASK_ID={task} is outside the array {low}..{high}")
+    return count, part
 
 
 def _validate(args) -> None:
@@ -161,6 +227,15 @@ def _validate(args) -> None:
         raise _UsageError(f"--workers must be >= 0, got {args.workers}")
     if args.threads < 1:
         raise _UsageError(f"--threads must be >= 1, got {args.threads}")
+    if args.part_id is None:
+        args.part_id = "auto" if args.num_parts == "auto" else 0
+    if "auto" in (args.num_parts, args.part_id):
+        try:
+            num_parts, part_id = slurm_array_shard()
+        except ValueError as exc:
+            raise _UsageError(f"--num-parts/--part-id auto: {exc}") from None
+        args.num_parts = num_parts if args.num_parts == "auto" else args.num_parts
+        args.part_id = part_id if args.part_id == "auto" else args.part_id
     if args.num_parts < 1:
         raise _UsageError(f"--num-parts must be >= 1, got {args.num_parts}")
     if not 0 <= args.part_id < args.num_parts:
@@ -196,21 +271,6 @@ def _mask_for_case(mask_dir: pathlib.Path, name: str) -> pathlib.Path:
                         f"(looked for {name}.nii.gz, {name}.nii, {name}.npy)")
 
 
-def _has_geometry(path: pathlib.Path) -> bool:
-    return not path.name.lower().endswith(".npy")
-
-
-def _check_mask(volume, mask) -> None:
-    if tuple(mask.data.shape) != tuple(volume.data.shape):
-        raise ValueError(f"mask {mask.path} has shape {tuple(mask.data.shape)} but {volume.path.name} has shape "
-                         f"{tuple(volume.data.shape)}")
-    if _has_geometry(mask.path) and _has_geometry(volume.path) and not np.allclose(
-            mask.affine, volume.affine, rtol=1e-5, atol=1e-3):
-        raise ValueError(f"mask {mask.path} and {volume.path.name} have different affines "
-                         f"(mask {np.round(mask.affine, 4).tolist()} vs {np.round(volume.affine, 4).tolist()}); "
-                         f"resample the mask to the prediction grid")
-
-
 def _read_case(path, args, shared_mask):
     """Runs in a reader thread: (volume, mask volume or None, (wall s, thread CPU s), notes)."""
     from ..io import _nnunet_sibling, read_mask, read_probability_map
@@ -234,33 +294,32 @@ _WAIT_PLACEHOLDER = '"@wait_s@"'
 def _process_case(path, args, settings, shared_mask, out_dir: pathlib.Path):
     """One case from file to report, in a worker thread (``--workers N``) or the main thread (0).
 
-    Reads and decompresses the map (and its mask), counts, builds the report and writes the label
-    map (``--save-labels``); returns ``(report, JSON text, notes)``. The text holds
-    :data:`_WAIT_PLACEHOLDER` for ``wait_s``; the main thread writes it, in case order. Nothing
-    large outlives the call: the arrays are freed when it returns.
+    Reads and decompresses the map (and its mask), counts, builds the report (the same as
+    :func:`lesioncount.report.count_file`) and writes the label map (``--save-labels``) to a hidden
+    temporary file; returns ``(report, JSON text, notes, label map temporary file or None)``. The
+    main thread renames the label map and writes the JSON, in case order; the text holds
+    :data:`_WAIT_PLACEHOLDER` for ``wait_s``. Nothing large outlives the call.
     """
-    from ..report import case_report, count_volume
+    from ..report import _count_and_report
 
     volume, mask, (read_s, read_cpu_s), notes = _read_case(path, args, shared_mask)
-    t0 = time.perf_counter()
-    if mask is not None:
-        _check_mask(volume, mask)
-    counted = count_volume(volume, settings, mask=None if mask is None else mask.data)
-    report = case_report(volume, counted, settings)
-    count_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    if args.save_labels:
-        from ..io import write_label_map
-
-        write_label_map(out_dir / f"{volume.name}_labels.nii.gz", counted.result.labels[0].numpy(), volume.affine)
-    del volume, mask, counted
-    report["timings_s"] = {"read_s": read_s, "read_cpu_s": read_cpu_s, "wait_s": 0.0, "count_s": count_s,
-                           "write_s": 0.0}
-    text = _format_json(report)
-    write_s = time.perf_counter() - t0  # label map + JSON formatting (not the final small write)
-    report["timings_s"]["write_s"] = write_s
-    text = text.replace('"wait_s": 0.0', f'"wait_s": {_WAIT_PLACEHOLDER}', 1)
-    return report, text.replace('"write_s": 0.0', f'"write_s": {json.dumps(write_s)}', 1), notes
+    labels_path = out_dir / f"{volume.name}_labels.nii.gz" if args.save_labels else None
+    report, count_s, labels_s, labels_tmp = _count_and_report(volume, settings, mask, labels_path, commit=False)
+    del volume, mask
+    try:
+        t0 = time.perf_counter()
+        report["timings_s"] = {"read_s": read_s, "read_cpu_s": read_cpu_s, "wait_s": 0.0, "count_s": count_s,
+                               "write_s": 0.0}
+        text = _format_json(report)
+        write_s = labels_s + time.perf_counter() - t0  # label map + JSON formatting (not the final small write)
+        report["timings_s"]["write_s"] = write_s
+        text = text.replace('"wait_s": 0.0', f'"wait_s": {_WAIT_PLACEHOLDER}', 1)
+        text = text.replace('"write_s": 0.0', f'"write_s": {json.dumps(write_s)}', 1)
+    except BaseException:
+        if labels_tmp is not None:
+            _unlink(labels_tmp)
+        raise
+    return report, text, notes, labels_tmp
 
 
 def _format_json(report, level: int = 0) -> str:
@@ -293,10 +352,17 @@ def _format_json(report, level: int = 0) -> str:
 
 
 def _write_json(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+    from ..io import atomic_file
+
+    with atomic_file(path) as f:
         f.write(text + "\n")
-    os.replace(tmp, path)
+
+
+def _unlink(path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 # settings of a kept CASE.json that must equal this run's for --skip-existing (device and workers do
@@ -332,27 +398,330 @@ def _part_suffix(args) -> str:
     return "" if args.num_parts == 1 else f".part-{args.part_id}-of-{args.num_parts}"
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run ``lesioncount count``; returns the exit code (0 ok, 1 some cases failed, 2 usage error)."""
-    with warnings.catch_warnings():
-        # io warns about a missing nnU-Net sibling from the reader threads; the command reports it
-        # itself, once per case, in order (warning filters are process-wide, so set them here).
-        warnings.filterwarnings("ignore", message=r".*sibling segmentation .* not found")
-        import torch
+# ----------------------------------------------------------------------------- locking the output folder
 
-        previous_threads = torch.get_num_threads()
+LOCK_NAME = ".lesioncount.lock"
+
+
+def _part_lock_name(part_id: int, num_parts: int) -> str:
+    return f".lesioncount.part-{part_id}-of-{num_parts}.lock"
+
+
+class FolderBusy(Exception):
+    """Another lesioncount run holds the output folder's lock; the message names its pid."""
+
+
+class FolderLock:
+    """An ``fcntl.flock`` lock on a file in the output folder, held for a whole run.
+
+    ``lesioncount count`` without ``--num-parts`` and ``lesioncount merge`` hold ``OUT_DIR/
+    .lesioncount.lock`` exclusively; a shard holds it shared plus ``.lesioncount.part-I-of-N.lock``
+    exclusively, so shards of one split run side by side, while a second unsharded run, a second
+    copy of one shard, or a merge during shards refuse at once (:class:`FolderBusy`). The holder
+    writes ``pid host command`` into its lock file (for the refusal message). The kernel drops the
+    lock when the process ends, however it ends; the file is removed on release (safe: an acquirer
+    re-checks that the file it locked is still the one at the path).
+
+    Example:
+        >>> import tempfile
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> with FolderLock(folder / LOCK_NAME, "count"):
+        ...     try:
+        ...         FolderLock(folder / LOCK_NAME, "count").acquire()
+        ...     except FolderBusy as exc:
+        ...         print("busy:", f"pid {os.getpid()}" in str(exc))
+        busy: True
+    """
+
+    def __init__(self, path: pathlib.Path, what: str, *, shared: bool = False):
+        self.path, self.what, self.shared = pathlib.Path(path), what, shared
+        self.fd = None
+        self.unsupported = None  # the OSError of a file system without flock
+
+    def acquire(self) -> "FolderLock":
+        import fcntl
+
+        for _ in range(20):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise FolderBusy(self._busy_message()) from None
+            except OSError as exc:  # e.g. ENOLCK / EOPNOTSUPP: a file system without locks
+                os.close(fd)
+                self.unsupported = exc
+                return self
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd = fd
+                if not self.shared:
+                    text = f"{os.getpid()} {socket.gethostname()} {self.what}\n".encode()
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, text, 0)
+                return self
+            os.close(fd)  # the holder removed the file between our open and flock: lock the new one
+        raise FolderBusy(f"cannot lock {self.path}: it keeps being replaced")  # pragma: no cover
+
+    def _busy_message(self) -> str:
+        holders = _lock_holders(self.path)
+        if not holders and self.path.name == LOCK_NAME:  # shared holders: the shards' part locks
+            holders = [h for part in sorted(self.path.parent.glob(".lesioncount.part-*.lock"))
+                       for h in _lock_holders(part, probe=True)]
+        who = "; ".join(holders) if holders else "pid unknown"
+        return (f"{self.path.parent} is in use by another lesioncount run ({who}; lock file {self.path.name}); "
+                f"wait for it to finish, or write to another folder")
+
+    def release(self) -> None:
+        import fcntl
+
+        if self.fd is None:
+            return
         try:
-            if getattr(args, "threads", None) and args.threads >= 1:
-                torch.set_num_threads(args.threads)
-            return _run(args)
+            if self.shared:  # remove the file only when no other shard holds it
+                try:
+                    fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    return
+            _unlink(self.path)
         finally:
-            torch.set_num_threads(previous_threads)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
 
 
-def _run(args: argparse.Namespace) -> int:
-    from .._extras import MissingExtraError, available, require
-    from ..io import CaseReadError, case_name, find_cases, gzip_backend, read_mask
-    from ..report import CountSettings, summary_fields, summary_row
+def _lock_holders(path: pathlib.Path, probe: bool = False) -> list[str]:
+    """'pid P on HOST (WHAT)' of a lock file's holder, from its content; with ``probe``, only when
+    the lock is currently held (tried with a shared non-blocking lock, released at once)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return []
+    try:
+        if probe:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return []  # free: nobody holds it
+            except BlockingIOError:
+                pass
+            except OSError:
+                return []
+        text = os.pread(fd, 4096, 0).decode(errors="replace").split()
+    finally:
+        os.close(fd)
+    if not text:
+        return []
+    pid, host, what = text[0], text[1] if len(text) > 1 else "?", " ".join(text[2:])
+    return [f"pid {pid} on {host}" + (f", {what}" if what else "")]
+
+
+def lock_output_folder(out_dir: pathlib.Path, what: str, part: tuple[int, int] | None = None) -> list[FolderLock]:
+    """The locks of a run writing into ``out_dir`` (see :class:`FolderLock`); raises FolderBusy.
+
+    ``part = (part_id, num_parts)`` for a shard: the folder lock shared plus the part's own lock.
+    Release them with :func:`release_locks` (in reverse order).
+    """
+    locks = [FolderLock(out_dir / LOCK_NAME, what, shared=part is not None).acquire()]
+    if part is not None:
+        try:
+            locks.append(FolderLock(out_dir / _part_lock_name(*part), what).acquire())
+        except BaseException:
+            release_locks(locks)
+            raise
+    return locks
+
+
+def release_locks(locks: list[FolderLock]) -> None:
+    for lock in reversed(locks):
+        lock.release()
+
+
+# ----------------------------------------------------------------------------- SIGINT / SIGTERM
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived (raised in the main thread by :class:`SignalGuard`)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+class SignalGuard:
+    """SIGINT/SIGTERM handlers for a command: the first signal raises :class:`Interrupted` in the
+    main thread, except inside ``with guard.critical():`` blocks (a case's files being renamed,
+    the summaries being written), where it is raised when the block ends. After :meth:`defer`
+    (the clean-up), signals are only recorded in ``received``. Installed only in the main thread.
+    """
+
+    def __init__(self):
+        self.received = None
+        self._raised = False
+        self._depth = 0
+        self._deferred = False
+        self._previous = {}
+
+    def install(self) -> "SignalGuard":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handler(self, signum, frame):
+        if self.received is None:
+            self.received = signum
+        self._maybe_raise()
+
+    def _maybe_raise(self):
+        if self.received is not None and not (self._raised or self._deferred or self._depth):
+            self._raised = True
+            raise Interrupted(self.received)
+
+    @contextlib.contextmanager
+    def critical(self):
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+        self._maybe_raise()
+
+    def defer(self) -> None:
+        self._deferred = True
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``lesioncount count``; returns the exit code (0 ok, 1 some cases failed, 2 usage error,
+    130 / 143 interrupted by SIGINT / SIGTERM)."""
+    guard = SignalGuard().install()
+    try:
+        with warnings.catch_warnings():
+            # io warns about a missing nnU-Net sibling from the reader threads; the command reports it
+            # itself, once per case, in order (warning filters are process-wide, so set them here).
+            warnings.filterwarnings("ignore", message=r".*sibling segmentation .* not found")
+            import torch
+
+            previous_threads = torch.get_num_threads()
+            try:
+                if getattr(args, "threads", None) and args.threads >= 1:
+                    torch.set_num_threads(args.threads)
+                return _run(args, guard)
+            finally:
+                torch.set_num_threads(previous_threads)
+    except Interrupted as exc:  # before any output was touched
+        print(f"lesioncount count: interrupted by {exc.name} before counting started; nothing was written",
+              file=sys.stderr)
+        return 128 + exc.signum
+    finally:
+        guard.restore()
+
+
+def _stale_outputs(out_dir: pathlib.Path, args) -> list[pathlib.Path]:
+    """Summaries that this run replaces or makes stale, removed before the first case is written.
+
+    Its own summary/errors/lesions files (rewritten at the end); for a run without ``--num-parts``
+    also every shard's part files and manifests; for a shard the folder-level summary.csv,
+    errors.csv and lesions.csv (a merge or an unsharded run wrote them; ``merge`` rewrites them).
+    """
+    suffix = _part_suffix(args)
+    names = [f"{stem}{suffix}.csv" for stem in ("summary", "errors", "lesions")]
+    if suffix:
+        names += [f".lesioncount{suffix}.manifest", "summary.csv", "errors.csv", "lesions.csv"]
+        found = [out_dir / n for n in names]
+    else:
+        found = [out_dir / n for n in names]
+        for pattern in ("summary.part-*-of-*.csv", "errors.part-*-of-*.csv", "lesions.part-*-of-*.csv",
+                        ".lesioncount.part-*-of-*.manifest"):
+            found += sorted(out_dir.glob(pattern))
+    return [p for p in found if os.path.lexists(p)]
+
+
+_TEMP_RE = re.compile(r"^\..+\.\d+\.[0-9a-f]{16}\.tmp$")
+
+
+def _label_map_problem(path: pathlib.Path, report: dict) -> str | None:
+    """Why the label map of a kept case cannot be kept (missing, empty, unreadable, or not the one
+    its CASE.json describes), or None."""
+    from ..io import CaseReadError, _load_nifti
+
+    if not os.path.lexists(path):
+        return "missing"
+    try:
+        if path.stat().st_size == 0:
+            return "empty (0 bytes)"
+        array, affine = _load_nifti(path)
+    except CaseReadError as exc:
+        return exc.reason
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    if array.dtype.kind not in "iu":
+        return f"not an integer label map ({array.dtype})"
+    if list(array.shape) != list(report["shape"]):
+        return f"shape {list(array.shape)}, but the case has shape {report['shape']}"
+    if not np.allclose(affine, np.asarray(report["affine"]), rtol=1e-5, atol=1e-3):
+        return "its affine differs from the case's"
+    largest = int(array.max()) if array.size else 0
+    if largest != report["n_candidates"] or (array.size and int(array.min()) < 0):
+        return f"it holds labels up to {largest}, but the case has {report['n_candidates']} candidates"
+    return None
+
+
+def _write_table(path: pathlib.Path, fields: list[str], rows) -> None:
+    from ..io import atomic_file
+
+    with atomic_file(path, newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _write_errors(path: pathlib.Path, errors) -> None:
+    from ..io import atomic_file
+
+    with atomic_file(path, newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["case", "file", "error"])
+        writer.writerows(errors)
+
+
+def _fsync_folder(folder: pathlib.Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _run(args: argparse.Namespace, guard: SignalGuard) -> int:
+    from ..io import CaseReadError, case_name, find_cases
+    from ..report import CountSettings
 
     def fail(message: str) -> int:
         print(f"lesioncount count: error: {message}", file=sys.stderr)
@@ -376,7 +745,9 @@ def _run(args: argparse.Namespace) -> int:
         if own_labels and not same_folder and not args.quiet:
             print(f"lesioncount count: note: skipping {len(own_labels)} label map(s) written by --save-labels "
                   f"(CASE_labels.nii.gz next to CASE), e.g. {min(own_labels).name}", file=sys.stderr)
-        all_cases = [p for p in all_cases if p.resolve() not in skip and p not in own_labels]
+        # (os.path.realpath, not Path.resolve: a symbolic link loop must reach the reader and errors.csv)
+        all_cases = [p for p in all_cases if p not in own_labels
+                     and not (skip and pathlib.Path(os.path.realpath(p)) in skip)]
     if not all_cases:
         return fail(f"{args.input}: no case files (.nii, .nii.gz, .npz, .npy) found")
     cases = shard(all_cases, args.num_parts, args.part_id)
@@ -391,7 +762,32 @@ def _run(args: argparse.Namespace) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         return fail(f"cannot create output folder {out_dir}: {exc}")
+    sharded = args.num_parts > 1
+    what = "count" + (f" part {args.part_id} of {args.num_parts}" if sharded else "")
+    try:
+        with guard.critical():
+            locks = lock_output_folder(out_dir, what, (args.part_id, args.num_parts) if sharded else None)
+    except FolderBusy as exc:
+        return fail(str(exc))
+    except OSError as exc:
+        return fail(f"cannot create the lock file in {out_dir}: {exc}")
+    try:
+        if locks[0].unsupported is not None and not args.quiet:
+            print(f"lesioncount count: warning: cannot lock {out_dir} ({locks[0].unsupported}); a second run into "
+                  f"this folder at the same time would not be detected", file=sys.stderr)
+        return _run_locked(args, guard, fail, all_cases, cases, settings, out_dir, exclusive=not sharded
+                           and locks[0].unsupported is None)
+    finally:
+        release_locks(locks)
+
+
+def _run_locked(args, guard, fail, all_cases, cases, settings, out_dir, exclusive) -> int:
+    from .._extras import MissingExtraError, available, require
+    from ..io import CaseReadError, case_name, gzip_backend, read_mask
+    from ..report import lesion_fields, lesion_rows, summary_fields, summary_row
+
     json_paths = [out_dir / f"{case_name(p)}.json" for p in cases]
+    labels_paths = [out_dir / f"{case_name(p)}_labels.nii.gz" for p in cases]
     existing = [p for p in json_paths if p.exists()]
     if existing and not (args.overwrite or args.skip_existing):
         shown = ", ".join(p.name for p in existing[:5]) + (" ..." if len(existing) > 5 else "")
@@ -404,104 +800,205 @@ def _run(args: argparse.Namespace) -> int:
         except CaseReadError as exc:
             return fail(f"--mask: {exc}")
 
+    suffix = _part_suffix(args)
+    with guard.critical():
+        # From here on the folder's summaries describe this run: the old ones go first (a run killed
+        # even by SIGKILL leaves no summary rather than a stale one), and they are written at the end,
+        # also after SIGINT/SIGTERM.
+        stale = _stale_outputs(out_dir, args)
+        if exclusive:  # nobody else writes here: hidden temporary files are leftovers of killed runs
+            stale += [p for p in out_dir.iterdir() if _TEMP_RE.match(p.name)]
+        if args.overwrite:  # this run's cases get new outputs: never an old label map beside a new JSON
+            stale += [p for pair in zip(json_paths, labels_paths) for p in pair if os.path.lexists(p)]
+        for path in stale:
+            try:
+                _unlink(path)
+            except IsADirectoryError:
+                pass  # reported when it is written
+            except OSError as exc:
+                return fail(f"cannot remove the earlier output {path}: {exc}")
+
     rows: dict[int, dict] = {}
-    errors: list[tuple[str, str, str]] = []
+    lesions: dict[int, list] = {}
+    errors: dict[int, tuple[str, str, str]] = {}
     totals = collections.Counter()
     todo = []
-    for index, (path, json_path) in enumerate(zip(cases, json_paths)):
-        if args.skip_existing and json_path.exists():
-            try:
-                report = json.loads(json_path.read_text())
-                _check_same_settings(report["settings"], settings)
-                rows[index] = summary_row(report)
-                totals["kept"] += 1
-            except (ValueError, KeyError, TypeError) as exc:
-                errors.append((case_name(path), str(path), f"existing {json_path.name} unusable: {exc}; use --overwrite"))
-            continue
-        todo.append((index, path, json_path))
-
     bar = None
-    if len(todo) > 1 and not args.quiet and available("tqdm"):
-        bar = require("tqdm").tqdm(total=len(todo), desc="lesioncount count", unit="case", file=sys.stderr)
+    pool = None
+    live: set = set()  # futures whose label map temporary file is not yet renamed or removed
+    interrupted = None
+    t_start = time.perf_counter()
+
     def say(message: str) -> None:
         if bar is not None:
             bar.write(message, file=sys.stderr)  # keeps the bar intact
         else:
             print(message, file=sys.stderr)
 
-    def report_error(path, exc):
+    def report_error(index, path, exc):
         if isinstance(exc, CaseReadError) and exc.path == path:
             reason = exc.reason
         elif isinstance(exc, (CaseReadError, ValueError)):
             reason = str(exc)
         else:
             reason = f"{type(exc).__name__}: {exc}"
-        errors.append((case_name(path), str(path), reason))
+        errors[index] = (case_name(path), str(path), reason)
         say(f"lesioncount count: {path}: {reason}")
 
-    t_start = time.perf_counter()
-    workers = args.workers
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lesioncount-case") if workers > 0 else None
-    pending: collections.deque = collections.deque()
-    queue = iter(todo)
-
-    def submit_next():
-        item = next(queue, None)
-        if item is None:
-            return
-        job = (item[1], args, settings, shared_mask, out_dir)
-        pending.append((item, pool.submit(_process_case, *job) if pool is not None else job))
-
     try:
+        relabel = []
+        for index, (path, json_path) in enumerate(zip(cases, json_paths)):
+            if args.skip_existing and json_path.exists():
+                try:
+                    report = json.loads(json_path.read_text())
+                    _check_same_settings(report["settings"], settings)
+                    row, lesion = summary_row(report), lesion_rows(report)
+                except (ValueError, KeyError, TypeError) as exc:
+                    errors[index] = (case_name(path), str(path),
+                                     f"existing {json_path.name} unusable: {exc}; use --overwrite")
+                    continue
+                if args.save_labels:
+                    relabel.append((index, path, json_path, report, row, lesion))
+                    continue
+                rows[index], lesions[index] = row, lesion
+                totals["kept"] += 1
+                continue
+            todo.append((index, path, json_path))
+        if relabel:  # --skip-existing --save-labels: a kept case needs a complete label map
+            checks = [_label_map_problem(labels_paths[r[0]], r[3]) for r in relabel]
+            redo = []
+            for (index, path, json_path, report, row, lesion), problem in zip(relabel, checks):
+                if problem is None:
+                    rows[index], lesions[index] = row, lesion
+                    totals["kept"] += 1
+                else:
+                    redo.append((index, path, json_path))
+                    say(f"lesioncount count: note: {labels_paths[index].name}: {problem}; counting {path.name} "
+                        f"again to write it")
+            todo = sorted(todo + redo)
+
+        if len(todo) > 1 and not args.quiet and available("tqdm"):
+            bar = require("tqdm").tqdm(total=len(todo), desc="lesioncount count", unit="case", file=sys.stderr)
+        workers = args.workers
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lesioncount-case") if workers > 0 else None
+        pending: collections.deque = collections.deque()
+        queue = iter(todo)
+
+        def submit_next():
+            item = next(queue, None)
+            if item is None:
+                return
+            job = (item[1], args, settings, shared_mask, out_dir)
+            if pool is not None:
+                future = pool.submit(_process_case, *job)
+                live.add(future)
+                pending.append((item, future))
+            else:
+                pending.append((item, job))
+
         # 2 x workers cases queued: a worker that finishes while the main thread waits for an older
         # (slower) case starts the next one at once. Only the `workers` cases being processed hold
         # their arrays (a finished case is its report), so memory stays bounded.
         for _ in range(2 * workers if workers > 0 else 1):
             submit_next()
         while pending:
-            (index, path, json_path), job = pending.popleft()
+            (index, path, json_path), job = pending[0]
             t_wait = time.perf_counter()
-            try:
-                report, text, notes = job.result() if pool is not None else _process_case(*job)
-            except MissingExtraError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - one bad case must not stop the folder
-                submit_next()
-                report_error(path, exc)
-            else:
-                wait_s = time.perf_counter() - t_wait
-                submit_next()
-                for message in notes:
-                    say(f"lesioncount count: warning: {message}")
+            # --workers 0: the main thread processes the case, so a signal waits for its end (its
+            # temporary label map must be renamed or removed); with workers it interrupts the wait
+            with (guard.critical() if pool is None else contextlib.nullcontext()):
                 try:
-                    report["timings_s"]["wait_s"] = wait_s
-                    _write_json(json_path, text.replace(_WAIT_PLACEHOLDER, json.dumps(wait_s), 1))
-                except OSError as exc:
-                    report_error(path, exc)
+                    result = job.result() if pool is not None else _process_case(*job)
+                except MissingExtraError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - one bad case must not stop the folder
+                    pending.popleft()
+                    live.discard(job) if pool is not None else None
+                    submit_next()
+                    report_error(index, path, exc)
                 else:
-                    timings = report["timings_s"]
-                    rows[index] = summary_row(report)
-                    totals.update({k: timings[k] for k in ("read_s", "wait_s", "count_s", "write_s")})
-                    totals["counted"] += 1
-            if bar is not None:
-                bar.update(1)
+                    report, text, notes, labels_tmp = result
+                    wait_s = time.perf_counter() - t_wait
+                    with guard.critical():  # a case's files and its summary rows go together
+                        pending.popleft()
+                        submit_next()
+                        for message in notes:
+                            say(f"lesioncount count: warning: {message}")
+                        try:
+                            labels_path = labels_paths[index]
+                            if labels_tmp is not None:
+                                os.replace(labels_tmp, labels_path)
+                            else:  # a label map left by an earlier run does not belong to this JSON
+                                _unlink(labels_path)
+                            report["timings_s"]["wait_s"] = wait_s
+                            _write_json(json_path, text.replace(_WAIT_PLACEHOLDER, json.dumps(wait_s), 1))
+                        except OSError as exc:
+                            if labels_tmp is not None:
+                                _unlink(labels_tmp)
+                            report_error(index, path, exc)
+                        else:
+                            timings = report["timings_s"]
+                            rows[index], lesions[index] = summary_row(report), lesion_rows(report)
+                            totals.update({k: timings[k] for k in ("read_s", "wait_s", "count_s", "write_s")})
+                            totals["counted"] += 1
+                        live.discard(job) if pool is not None else None
+                if bar is not None:
+                    bar.update(1)
+    except Interrupted as exc:
+        interrupted = exc.signum
     finally:
+        guard.defer()  # from here on signals are only recorded: the clean-up and the summaries run to the end
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+        for future in live:  # finished cases never written: their label maps go
+            if future.done() and not future.cancelled() and future.exception() is None:
+                labels_tmp = future.result()[3]
+                if labels_tmp is not None:
+                    _unlink(labels_tmp)
         if bar is not None:
             bar.close()
+    interrupted = interrupted or guard.received
 
-    suffix = _part_suffix(args)
-    with open(out_dir / f"summary{suffix}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=summary_fields(args.max_count))
-        writer.writeheader()
-        for index in sorted(rows):
-            writer.writerow(rows[index])
-    with open(out_dir / f"errors{suffix}.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["case", "file", "error"])
-        writer.writerows(errors)
+    if interrupted is not None:
+        name = signal.Signals(interrupted).name
+        for index, path in enumerate(cases):
+            if index not in rows and index not in errors:
+                errors[index] = (case_name(path), str(path),
+                                 f"not processed: the run was interrupted by {name}; run again with --skip-existing "
+                                 f"to count the rest")
+    failed_writes = []
+    outputs = [(out_dir / f"summary{suffix}.csv", summary_fields(args.max_count), [rows[i] for i in sorted(rows)]),
+               (out_dir / f"lesions{suffix}.csv", lesion_fields(), [r for i in sorted(lesions) for r in lesions[i]]),
+               (out_dir / f"errors{suffix}.csv", None, [errors[i] for i in sorted(errors)])]
+    for path, fields, table in outputs:
+        try:
+            if fields is None:
+                _write_errors(path, table)
+            else:
+                _write_table(path, fields, table)
+        except OSError as exc:
+            failed_writes.append(path)
+            print(f"lesioncount count: error: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
+    if args.num_parts > 1:
+        manifest = {
+            "lesioncount_version": _version(), "input": str(args.input), "part_id": args.part_id,
+            "num_parts": args.num_parts, "cases_total": len(all_cases), "settings": _manifest_settings(settings),
+            "cases": [case_name(p) for p in cases], "complete": interrupted is None,
+            "interrupted_by": None if interrupted is None else signal.Signals(interrupted).name,
+        }
+        try:
+            _write_json(out_dir / f".lesioncount{suffix}.manifest", json.dumps(manifest, indent=1))
+        except OSError as exc:
+            failed_writes.append(out_dir / f".lesioncount{suffix}.manifest")
+            print(f"lesioncount count: error: cannot write the shard manifest: {exc.strerror or exc}", file=sys.stderr)
+    _fsync_folder(out_dir)
+
     elapsed = time.perf_counter() - t_start
+    if interrupted is not None:
+        print(f"lesioncount count: interrupted by {signal.Signals(interrupted).name}: {len(rows)} of {len(cases)} "
+              f"case(s) done and listed in {out_dir / f'summary{suffix}.csv'}, the other {len(cases) - len(rows)} "
+              f"in errors{suffix}.csv; run again with --skip-existing to finish", file=sys.stderr)
+        return 128 + interrupted
     if not args.quiet:
         print(f"lesioncount count: {totals['counted']} of {len(cases)} case(s) counted, {len(errors)} failed, "
               f"{totals['kept']} kept from earlier runs -> {out_dir} in {elapsed:.2f} s "
@@ -510,5 +1007,19 @@ def _run(args: argparse.Namespace) -> int:
               f"the main thread waited {totals['wait_s']:.2f} s)")
     if errors:
         print(f"lesioncount count: {len(errors)} case(s) failed; see {out_dir / f'errors{suffix}.csv'}", file=sys.stderr)
-        return 1
-    return 0
+    return 1 if errors or failed_writes else 0
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def _manifest_settings(settings) -> dict:
+    """The settings that change results (what merge compares between shards)."""
+    from dataclasses import asdict
+
+    values = asdict(settings)
+    del values["device"]
+    return values
