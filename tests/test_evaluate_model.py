@@ -192,7 +192,10 @@ def test_cli_report_matches_functional_metrics(tiny_checkpoint, tmp_path, capsys
     names = {p.name for p in out.iterdir()}
     assert expected <= names
     pngs = sorted(out.glob("*.png"))
-    assert len(pngs) == 2 + 2 * 2  # two shared figures + reliability & count distribution per model
+    # four shared figures (accuracy vs discarded, threshold sweep, uncertainty curves, entropy
+    # histograms) + reliability & count distribution per model
+    assert len(pngs) == 4 + 2 * 2
+    assert {"uncertainty_curves.png", "entropy_histograms.png"} <= names
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     report = (out / "report.md").read_text()
     assert "## Table C.1" in report and "![reliability_multitask](reliability_multitask.png)" in report
