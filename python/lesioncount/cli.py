@@ -1,4 +1,4 @@
-"""Command line: ``lesioncount demo | count | evaluate | plot | train | evaluate-model``.
+"""Command line: ``lesioncount demo | count | merge | evaluate | plot | train | evaluate-model``.
 
 ``demo`` lives here; every other subcommand is a module in ``lesioncount.commands`` that defines
 ``register(subparsers)`` and is discovered automatically.

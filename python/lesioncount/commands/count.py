@@ -983,7 +983,7 @@ def _run_locked(args, guard, fail, all_cases, cases, settings, out_dir, exclusiv
         manifest = {
             "lesioncount_version": _version(), "input": str(args.input), "part_id": args.part_id,
             "num_parts": args.num_parts, "cases_total": len(all_cases), "settings": _manifest_settings(settings),
-            "cases": [case_name(p) for p in cases], "complete": interrupted is None,
+            "cases": [case_name(p) for p in cases], "files": [p.name for p in cases], "complete": interrupted is None,
             "interrupted_by": None if interrupted is None else signal.Signals(interrupted).name,
         }
         try:
