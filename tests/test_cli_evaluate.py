@@ -325,3 +325,75 @@ def test_nnunet_npz_without_sibling_evaluate_and_plot(tmp_path, capsys):
         assert main(["plot", "-i", str(pred_dir / "n.npz"), "-o", str(tmp_path / "p.png"), "--allow-missing-geometry",
                      "--image", str(gt_dir / "n.nii.gz")]) == 0
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+# ------------------------------------------------------------------------ lesion-wise detection
+def _detection_run(tmp_path, *extra):
+    pred_dir, gt_dir, arrays = make_folders(tmp_path, extras=False)
+    out = tmp_path / ("out" + "".join(extra).replace("-", "_").replace(".", ""))
+    rc = main(["evaluate", "-p", str(pred_dir), "-g", str(gt_dir), "-o", str(out), "--thresholds", "0.1,0.5",
+               "-q", *extra])
+    assert rc == 0
+    rows = {float(r["threshold"]): r for r in _read_csv(out / "detection_metrics.csv")}
+    return out, rows, arrays
+
+
+def test_evaluate_lesion_wise_detection_by_hand(tmp_path, capsys):
+    import matplotlib.image as mpimg
+
+    out, rows, arrays = _detection_run(tmp_path)
+    # threshold 0.1: the 7 lesions are found (d's (5,1,6) lesion merged with a noise blob into one
+    # 16-voxel candidate: IoU 1/2, Dice 2/3); the noise blobs of a, b, c, d are 4 FPs
+    r = rows[0.1]
+    assert [int(r[k]) for k in ("n_gt", "n_candidates", "tp", "fp", "fn")] == [7, 11, 7, 4, 0]
+    assert float(r["precision"]) == pytest.approx(7 / 11) and float(r["recall"]) == 1.0
+    assert float(r["f1"]) == pytest.approx(14 / 18)
+    # per case sum(Dice) / (G + FP): a 1/2, b 2/3, c 0/1, d (2 + 2/3)/4, e 1
+    assert float(r["lesion_dice"]) == pytest.approx((1 / 2 + 2 / 3 + 0 + (2 + 2 / 3) / 4 + 1) / 5)
+    assert float(r["count_abs_diff"]) == pytest.approx(4 / 5)
+    # every lesion scores above every noise blob: AP 1, sensitivity 1 at 0 FPs, CPM 1
+    assert float(r["ap"]) == pytest.approx(1.0) and float(r["cpm"]) == 1.0
+    # E|C - G| from the exact count distribution of each case's candidates
+    names = sorted(CASES)
+    expected = []
+    for n in names:
+        pred, gt = arrays[n]
+        res = lesioncount.count_distribution(torch.from_numpy(pred)[None], threshold=0.1)
+        c = _scipy_count(gt != 0)
+        k = int(res.num_lesions[0])
+        pmf = res.pmf[0].double()
+        expected.append(float((pmf * (torch.arange(k + 1) - c).abs()).sum()))
+    assert float(r["expected_abs_count_error"]) == pytest.approx(np.mean(expected), rel=1e-6)
+    # threshold 0.5: no noise; e's lesion (peak 0.6, the rest 0.48) is a 1-voxel candidate: Dice 2/9
+    r = rows[0.5]
+    assert [int(r[k]) for k in ("tp", "fp", "fn")] == [7, 0, 0]
+    assert float(r["lesion_dice"]) == pytest.approx((1 + 1 + 1 + 1 + 2 / 9) / 5)  # c: no lesion, no candidate: 1
+    assert float(r["lesion_dice"]) != pytest.approx(1.0)
+
+    lesions = _read_csv(out / "lesions.csv")
+    assert sorted(l_["kind"] for l_ in lesions) == ["fp"] * 4 + ["tp"] * 7
+    (merged,) = [l_ for l_ in lesions if l_["case"] == "d" and l_["kind"] == "tp" and float(l_["iou"]) < 1]
+    assert float(merged["iou"]) == pytest.approx(0.5) and float(merged["dice"]) == pytest.approx(2 / 3)
+    assert int(merged["gt_voxels"]) == 8 and float(merged["gt_volume_mm3"]) == 16.0
+    assert int(merged["candidate_voxels"]) == 16 and float(merged["p_k"]) == pytest.approx(0.9)
+    fps = sorted(float(l_["p_k"]) for l_ in lesions if l_["kind"] == "fp")
+    assert fps == pytest.approx([0.12, 0.13, 0.15, 0.2])
+    size_rows = _read_csv(out / "recall_by_size.csv")   # 8 voxels x 2 mm^3 = 16 mm^3: bin [10, 100)
+    assert [int(b["n_gt"]) for b in size_rows] == [0, 7, 0, 0]
+    froc_rows = _read_csv(out / "froc.csv")
+    assert float(froc_rows[0]["fps_per_image"]) == 0 and float(froc_rows[-1]["fps_per_image"]) == pytest.approx(4 / 5)
+    report = (out / "report.md").read_text()
+    assert "## Lesion-wise detection" in report and "](froc.png)" in report and "](precision_recall.png)" in report
+    for name in ("froc.png", "precision_recall.png"):
+        img = mpimg.imread(str(out / name))
+        assert img.ndim == 3 and img.shape[0] > 200
+    assert "lesion F1 0.7778" in capsys.readouterr().out
+
+
+def test_evaluate_matching_rules(tmp_path):
+    # IoU >= 0.6 rejects the merged candidate of d (IoU 0.5): one FN and one more FP
+    _, rows, _ = _detection_run(tmp_path, "--match", "iou", "--match-iou", "0.6")
+    assert [int(rows[0.1][k]) for k in ("tp", "fp", "fn")] == [6, 5, 1]
+    # its peak (0.9) lies inside the lesion: a TP under the peak rule
+    _, rows, _ = _detection_run(tmp_path / "p", "--match", "peak")
+    assert [int(rows[0.1][k]) for k in ("tp", "fp", "fn")] == [7, 4, 0]

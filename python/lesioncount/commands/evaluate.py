@@ -18,9 +18,18 @@ the MAE of the expected count (baseline: of its count) and the mean NLL of the t
 reliability diagrams (this method at the report threshold, the baseline at its most accurate
 threshold).
 
+Lesion-wise detection (:mod:`lesioncount.detection`), at every threshold of the sweep: the candidates
+are matched one-to-one to the GT lesions (``--match`` overlap / iou / peak, ``--assignment``,
+``--unmatched``); TP/FP/FN, lesion precision, recall and F1 (pooled and per-case mean), BraTS-2023-style
+lesion Dice, mean |K - G| and E|C - G| under the exact count distribution, and with p_k as each
+candidate's score the FROC (sensitivity at 1/8..8 FPs per scan, CPM) and AP. At ``--report-threshold``:
+one row per GT lesion and per unmatched candidate (``lesions.csv``), the FROC curve (``froc.csv``),
+recall by lesion volume (``recall_by_size.csv``) and the FROC / precision-recall figures.
+
 Outputs in OUT_DIR: ``report.md`` (settings, tables, figures, failures), ``per_case.csv``,
-``metrics.csv``, ``accuracy_vs_discarded.csv``, ``threshold_sweep.png``, ``reliability.png``,
-``accuracy_vs_discarded.png``. Unpaired and unreadable cases are listed in the report and on stderr;
+``metrics.csv``, ``accuracy_vs_discarded.csv``, ``detection_metrics.csv``, ``lesions.csv``,
+``froc.csv``, ``recall_by_size.csv``, ``threshold_sweep.png``, ``reliability.png``,
+``accuracy_vs_discarded.png``, ``froc.png``, ``precision_recall.png``. Unpaired and unreadable cases are listed in the report and on stderr;
 the exit code is 1 when any case failed or was unpaired (``--allow-missing``: unpaired cases do not
 count), 2 for bad arguments. An nnU-Net ``CASE.npz`` takes its geometry from the sibling
 ``CASE.nii.gz``; without it the case fails unless ``--allow-missing-geometry`` (then the GT mask's
@@ -97,6 +106,23 @@ _nonneg_int = _bounded(int, 0, "an integer")
 _nonneg_float = _bounded(float, 0, "a finite number")
 
 
+def _iou(text: str) -> float:
+    v = _probability(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected an IoU in (0, 1], got {text}")
+    return v
+
+
+def _size_edges(text: str) -> tuple[float, ...]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated volumes in mm^3, got {text!r}") from None
+    if any(not math.isfinite(v) or v <= 0 for v in values) or any(b <= a for a, b in zip(values, values[1:])):
+        raise argparse.ArgumentTypeError(f"expected increasing positive volumes in mm^3, got {text!r}")
+    return tuple(values)
+
+
 def register(subparsers) -> None:
     """Add the ``evaluate`` subcommand to the ``lesioncount`` parser."""
     p = subparsers.add_parser("evaluate", help=HELP,
@@ -128,6 +154,23 @@ def register(subparsers) -> None:
     p.add_argument("--n-bins", type=_positive_int, default=10, help="confidence bins of ECE/MCE and the reliability diagram")
     p.add_argument("--discard-fractions", type=_fractions, default=DEFAULT_DISCARD_FRACTIONS,
                    help="comma-separated fractions in [0, 1) of most uncertain cases to discard")
+    det = p.add_argument_group("lesion-wise detection (lesioncount.detection)")
+    det.add_argument("--match", choices=("overlap", "iou", "peak"), default="overlap",
+                     help="when a candidate may match a GT lesion: any shared voxel; IoU >= --match-iou; or its "
+                          "peak voxel within --match-distance mm of the lesion")
+    det.add_argument("--match-iou", type=_iou, default=0.1, help="IoU threshold of --match iou (picai_eval: 0.1)")
+    det.add_argument("--match-distance", type=_nonneg_float, default=0.0,
+                     help="mm the peak may lie outside the GT lesion for --match peak (0: inside, as MONAI)")
+    det.add_argument("--assignment", choices=("hungarian", "greedy"), default="hungarian",
+                     help="one-to-one assignment: maximise the sum of (1 + IoU) (picai_eval), or greedy by IoU")
+    det.add_argument("--unmatched", choices=("fp", "ignore"), default="fp",
+                     help="a candidate eligible for an already matched lesion: a false positive, or ignored "
+                          "(picai_eval, MONAI)")
+    det.add_argument("--size-bins", type=_size_edges, default=(10.0, 100.0, 1000.0),
+                     help="lesion volume bin edges in mm^3 for recall by size")
+    det.add_argument("--froc-interpolation", choices=("linear", "step"), default="linear",
+                     help="sensitivity at a FP rate: np.interp on the curve (MONAI, LUNA16) or the last operating "
+                          "point at or below it (picai_eval)")
     p.add_argument("--allow-missing", action="store_true",
                    help="cases present in only one folder are reported but do not make the exit code non-zero")
     p.add_argument("--allow-missing-geometry", action="store_true",
@@ -149,6 +192,8 @@ class CaseResult:
     expected_count: "torch.Tensor"   # (T,) float64, sum of the candidate probabilities
     entropy: "torch.Tensor"          # (T,) float64, nats
     cc_count: "torch.Tensor"         # (T,) int64, components of pred > threshold
+    matches: list = dataclasses.field(default_factory=list)  # (T,) detection.LesionMatch per threshold
+    voxel_volume: float = 1.0        # mm^3
 
 
 @dataclasses.dataclass
@@ -193,6 +238,7 @@ def evaluate_case(pred_path: pathlib.Path, gt_path: pathlib.Path, args, threshol
 
     from .. import count_distribution, label
     from ..io import CaseReadError, _nnunet_sibling, read_mask, read_probability_map
+    from ..detection import match_lesions, scored_candidates
     from ..report import min_size_for_volume
 
     # an nnU-Net .npz without its sibling segmentation has no geometry of its own; with
@@ -220,11 +266,15 @@ def evaluate_case(pred_path: pathlib.Path, gt_path: pathlib.Path, args, threshol
     if np.issubdtype(gt_data.dtype, np.floating) and not np.isfinite(gt_data).all():
         raise CaseReadError(gt_path, "mask contains NaN or infinite values")
     gt_foreground = torch.from_numpy(np.ascontiguousarray(gt_data != 0)).unsqueeze(0)
-    gt_count = int(label(gt_foreground, 0.5, args.connectivity, min_size)[1][0])
+    gt_labels, gt_num = label(gt_foreground, 0.5, args.connectivity, min_size)
+    gt_count = int(gt_num[0])
+    gt_labels = gt_labels[0].numpy()
     del gt_foreground, gt_data
+    spacing = geometry.spacing  # mm per voxel (1 for .npy: distances in voxels)
 
     x = torch.from_numpy(np.ascontiguousarray(pred.data)).unsqueeze(0)
     rows = {"pmf": [], "log_pmf": [], "expected_count": [], "entropy": [], "cc_count": []}
+    matches = []
     with torch.inference_mode():
         for t in thresholds:
             try:
@@ -238,7 +288,15 @@ def evaluate_case(pred_path: pathlib.Path, gt_path: pathlib.Path, args, threshol
             rows["entropy"].append(r.entropy[0].double())
             # the candidates are the components of pred > t with the size rule: the cc_count baseline
             rows["cc_count"].append(r.num_lesions[0].long())
-    return CaseResult(case=pred.name, gt_count=gt_count, **{k: torch.stack(v) for k, v in rows.items()})
+            cand = scored_candidates(r, 0)
+            matches.append(match_lesions(gt_labels, cand.labels, cand.probs, cand.peaks,
+                                         rule=getattr(args, "match", "overlap"),
+                                         iou_threshold=getattr(args, "match_iou", 0.1),
+                                         max_distance=getattr(args, "match_distance", 0.0), spacing=spacing,
+                                         assignment=getattr(args, "assignment", "hungarian"),
+                                         unmatched=getattr(args, "unmatched", "fp")))
+    return CaseResult(case=pred.name, gt_count=gt_count, matches=matches, voxel_volume=geometry.voxel_volume,
+                      **{k: torch.stack(v) for k, v in rows.items()})
 
 
 def _pair_cases(pred_root, gt_root):
@@ -310,6 +368,77 @@ def compute_tables(cases: list[CaseResult], thresholds, args):
 
 
 METRIC_COLUMNS = ("accuracy", "precision", "recall", "f1", "ece", "mce", "count_mae", "nll")
+DETECTION_COLUMNS = ("n_gt", "n_candidates", "tp", "fp", "fn", "ignored", "precision", "recall", "f1",
+                     "f1_case_mean", "lesion_dice", "count_abs_diff", "expected_abs_count_error", "ap", "cpm")
+LESION_COLUMNS = ("case", "kind", "gt_id", "candidate_id", "iou", "dice", "gt_voxels", "gt_volume_mm3",
+                  "candidate_voxels", "candidate_volume_mm3", "p_k")
+
+
+def _rate_name(rate: float) -> str:
+    return f"sens@{rate:g}fp"
+
+
+def compute_detection(cases: list[CaseResult], thresholds, args):
+    """Lesion-wise detection tables: one row per threshold, and the report threshold's details.
+
+    Args:
+        cases: N :class:`CaseResult` with their (T,) ``matches``.
+        thresholds: (T,) the sweep; must contain ``args.report_threshold``.
+        args: ``report_threshold``, ``size_bins``, ``froc_interpolation``.
+
+    Returns:
+        ``(rows, report)``: T dicts with :data:`DETECTION_COLUMNS`, ``threshold`` and the FROC
+        sensitivities ``sens@Xfp``; ``report`` = {``froc`` (the :func:`~lesioncount.detection.froc_from_matches`
+        dict), ``pr`` (precision-recall curve), ``recall_by_size`` rows, ``lesions`` rows (:data:`LESION_COLUMNS`)}
+        at the report threshold.
+
+    Example:
+        >>> rows, report = compute_detection(cases, [0.1, 0.5], args)   # doctest: +SKIP
+        >>> rows[0]["f1"], report["froc"]["cpm"]                      # doctest: +SKIP
+    """
+    from ..detection import (FROC_FP_RATES, detection_metrics, froc_from_matches, precision_recall_curve,
+                             recall_by_size)
+
+    interp = getattr(args, "froc_interpolation", "linear")
+    rows = []
+    for i, t in enumerate(thresholds):
+        ms = [c.matches[i] for c in cases]
+        d = detection_metrics(ms)
+        f = froc_from_matches(ms, FROC_FP_RATES, interp)
+        row = {"threshold": t, **{k: d[k] for k in DETECTION_COLUMNS if k in d}, "ap": f["ap"], "cpm": f["cpm"]}
+        row.update({_rate_name(r): float(v) for r, v in zip(f["fp_rates"], f["sensitivities"])})
+        rows.append(row)
+    j = thresholds.index(args.report_threshold)
+    ms = [c.matches[j] for c in cases]
+    froc = froc_from_matches(ms, FROC_FP_RATES, interp)
+    pr = None
+    if froc["n_targets"]:
+        from ..detection import _scores
+
+        scores, is_tp, n_gt = _scores(ms)
+        pr = precision_recall_curve(scores, is_tp, n_gt)
+        pr["ap"] = froc["ap"]
+    by_size = recall_by_size(ms, getattr(args, "size_bins", (10.0, 100.0, 1000.0)), [c.voxel_volume for c in cases])
+    lesions = []
+    for c, m in zip(cases, ms):
+        iou, dice = m.gt_iou, m.gt_dice
+        for g in range(m.n_gt):
+            k = int(m.gt_match[g])
+            lesions.append({"case": c.case, "kind": "tp" if k >= 0 else "fn", "gt_id": g + 1,
+                            "candidate_id": k + 1 if k >= 0 else None, "iou": float(iou[g]), "dice": float(dice[g]),
+                            "gt_voxels": int(m.gt_sizes[g]), "gt_volume_mm3": float(m.gt_sizes[g] * c.voxel_volume),
+                            "candidate_voxels": int(m.cand_sizes[k]) if k >= 0 else None,
+                            "candidate_volume_mm3": float(m.cand_sizes[k] * c.voxel_volume) if k >= 0 else None,
+                            "p_k": float(m.cand_probs[k]) if k >= 0 else None})
+        for k in range(m.n_candidates):
+            if m.cand_match[k] >= 0:
+                continue
+            lesions.append({"case": c.case, "kind": "ignored" if m.cand_ignored[k] else "fp", "gt_id": None,
+                            "candidate_id": k + 1, "iou": None, "dice": None, "gt_voxels": None,
+                            "gt_volume_mm3": None, "candidate_voxels": int(m.cand_sizes[k]),
+                            "candidate_volume_mm3": float(m.cand_sizes[k] * c.voxel_volume),
+                            "p_k": float(m.cand_probs[k])})
+    return rows, {"froc": froc, "pr": pr, "recall_by_size": by_size, "lesions": lesions}
 
 
 def _fmt(v, digits=4):
@@ -383,6 +512,13 @@ def write_figures(out: pathlib.Path, rows, discard_rows, figures, thresholds, ar
     fig = plot.plot_accuracy_vs_discarded([r["fraction"] for r in discard_rows],
                                           {f"{METHOD} @ {args.report_threshold:g}": [r["accuracy"] for r in discard_rows]})
     written.append(plot.save_figure(fig, out / "accuracy_vs_discarded.png").name)
+
+    detection = figures.get("detection")
+    if detection is not None and detection["froc"]["n_targets"]:
+        name = f"p_k @ {args.report_threshold:g}"
+        written.append(plot.save_figure(plot.plot_froc({name: detection["froc"]}), out / "froc.png").name)
+        written.append(plot.save_figure(plot.plot_precision_recall({name: detection["pr"]}),
+                                        out / "precision_recall.png").name)
     return written
 
 
@@ -445,8 +581,11 @@ def write_report(out: pathlib.Path, args, thresholds, cases, rows, discard_rows,
                         "accuracy_vs_discarded.png": "Accuracy after discarding the most uncertain cases"}
             for name in pngs:
                 lines += [f"![{captions.get(name, name)}]({name})", ""]
+        lines += _detection_report(args, figures.get("detection_rows", []), figures.get("detection"))
         lines += ["Per-case numbers: [per_case.csv](per_case.csv); metric table: [metrics.csv](metrics.csv); "
-                  "[accuracy_vs_discarded.csv](accuracy_vs_discarded.csv).", ""]
+                  "[accuracy_vs_discarded.csv](accuracy_vs_discarded.csv); lesion-wise: "
+                  "[detection_metrics.csv](detection_metrics.csv), [lesions.csv](lesions.csv), [froc.csv](froc.csv), "
+                  "[recall_by_size.csv](recall_by_size.csv).", ""]
     if failures or no_gt or no_pred:
         lines += ["## Problems", ""]
         for f in failures:
@@ -457,6 +596,40 @@ def write_report(out: pathlib.Path, args, thresholds, cases, rows, discard_rows,
             lines.append(f"- no prediction for ground truth `{name}` ({path})")
         lines.append("")
     (out / "report.md").write_text("\n".join(lines))
+
+
+def _detection_report(args, rows, detection) -> list[str]:
+    if not rows:
+        return []
+    rule = {"overlap": "any shared voxel", "iou": f"IoU >= {getattr(args, 'match_iou', 0.1):g}",
+            "peak": f"peak within {getattr(args, 'match_distance', 0.0):g} mm of the lesion"}[getattr(args, "match", "overlap")]
+    lines = ["## Lesion-wise detection", "",
+             f"Candidates matched one-to-one to GT lesions ({rule}; {getattr(args, 'assignment', 'hungarian')} "
+             f"assignment; unmatched eligible candidates: {getattr(args, 'unmatched', 'fp')}). Precision, recall and "
+             "F1 count every candidate (pooled over cases; f1_case_mean averages per-case F1). Lesion Dice: per case "
+             "sum of the GT lesions' Dice with their matched candidate / (GT lesions + FPs), averaged (BraTS 2023 "
+             "style, one-to-one). |K-G|: candidates minus GT lesions; E|C-G|: under the exact count distribution. "
+             "AP and the FROC (CPM = mean sensitivity at 1/8..8 FPs per scan, "
+             f"{getattr(args, 'froc_interpolation', 'linear')} reading) score each candidate by p_k.", "",
+             "| threshold | GT | cand. | TP | FP | FN | precision | recall | F1 | F1 case mean | lesion Dice | "
+             "mean abs(K-G) | E abs(C-G) | AP | CPM |", "|---" * 15 + "|"]
+    for r in rows:
+        lines.append(f"| {r['threshold']:g} | {r['n_gt']} | {r['n_candidates']} | {r['tp']} | {r['fp']} | {r['fn']} | "
+                     + " | ".join(_fmt(float(r[k])) for k in ("precision", "recall", "f1", "f1_case_mean", "lesion_dice",
+                                                              "count_abs_diff", "expected_abs_count_error", "ap", "cpm"))
+                     + " |")
+    lines.append("")
+    if detection is not None and detection["froc"]["n_targets"]:
+        f = detection["froc"]
+        lines += [f"FROC at threshold {args.report_threshold:g}: "
+                  + ", ".join(f"{r:g} FP/scan: {v:.4f}" for r, v in zip(f["fp_rates"], f["sensitivities"]))
+                  + f"; CPM {f['cpm']:.4f}; AP {f['ap']:.4f}.", ""]
+        lines += ["| lesion volume (mm^3) | GT lesions | found | recall |", "|---|---|---|---|"]
+        for b in detection["recall_by_size"]:
+            hi = "inf" if math.isinf(b["upper"]) else f"{b['upper']:g}"
+            lines.append(f"| [{b['lower']:g}, {hi}) | {b['n_gt']} | {b['tp']} | {_fmt(b['recall'])} |")
+        lines.append("")
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:
@@ -506,6 +679,18 @@ def run(args: argparse.Namespace) -> int:
     if cases:
         with torch.no_grad():
             rows, discard_rows, figures = compute_tables(cases, thresholds, args)
+        detection_rows, detection = compute_detection(cases, thresholds, args)
+        figures["detection_rows"], figures["detection"] = detection_rows, detection
+        from ..detection import FROC_FP_RATES
+
+        _write_csv(out / "detection_metrics.csv",
+                   ["threshold", *DETECTION_COLUMNS, *(_rate_name(r) for r in FROC_FP_RATES)], detection_rows)
+        _write_csv(out / "lesions.csv", LESION_COLUMNS, detection["lesions"])
+        f = detection["froc"]
+        _write_csv(out / "froc.csv", ["score_threshold", "fps_per_image", "sensitivity"],
+                   [{"score_threshold": float(t), "fps_per_image": float(x), "sensitivity": float(y)}
+                    for t, x, y in zip(f["thresholds"], f["fps_per_image"], f["sensitivity"])])
+        _write_csv(out / "recall_by_size.csv", ["lower", "upper", "n_gt", "tp", "recall"], detection["recall_by_size"])
         fields, case_rows = per_case_rows(cases, thresholds)
         _write_csv(out / "per_case.csv", fields, case_rows)
         _write_csv(out / "metrics.csv", ["method", "threshold", "n_cases", *METRIC_COLUMNS], rows)
@@ -520,8 +705,10 @@ def run(args: argparse.Namespace) -> int:
         j = thresholds.index(args.report_threshold)
         ours = next(r for r in rows if r["method"] == METHOD and r["threshold"] == thresholds[j])
         best_base = max((r for r in rows if r["method"] == BASELINE), key=lambda r: r["accuracy"])
+        d = figures["detection_rows"][j]
         print(f"{len(cases)} cases: {METHOD} @ {args.report_threshold:g} accuracy {ours['accuracy']:.4f}, F1 {ours['f1']:.4f}, "
               f"ECE {ours['ece']:.4f}; best {BASELINE} accuracy {best_base['accuracy']:.4f} @ {best_base['threshold']:g}; "
+              f"lesion F1 {d['f1']:.4f}, lesion Dice {d['lesion_dice']:.4f}, CPM {d['cpm']:.4f}, AP {d['ap']:.4f}; "
               f"report in {out / 'report.md'}")
     unpaired = (len(no_gt) + len(no_pred)) if not args.allow_missing else 0
     return 1 if (failures or unpaired or not cases) else 0
