@@ -222,7 +222,7 @@ def test_evaluate_without_torchmetrics_names_the_eval_extra(tmp_path, capsys, mo
     monkeypatch.setattr(_extras.importlib, "import_module", fake_import)
     rc = main(["evaluate", "-p", str(tmp_path), "-g", str(tmp_path), "-o", str(tmp_path / "o")])
     assert rc == 2
-    assert "pip install 'lesioncount[eval]'" in capsys.readouterr().err
+    assert "pip install torchmetrics scipy (the lesioncount[eval] extra" in capsys.readouterr().err
 
 
 def test_plot_cli(tmp_path, capsys):

@@ -455,9 +455,10 @@ def test_anatomy_missing_source_message(monkeypatch):
     monkeypatch.setattr(anatomy, "colin27_path", lambda: None)
     with pytest.raises(MissingExtraError) as info:
         anatomy.resolve_source()
-    assert "pip install 'lesioncount[anatomy]'" in str(info.value)
+    assert "pip install nilearn" in str(info.value) and "'.[anatomy]'" in str(info.value)
+    assert "pip install 'lesioncount[" not in str(info.value)  # not on PyPI
     assert "apt install mricron-data" in str(info.value)
-    with pytest.raises(MissingExtraError, match="lesioncount\\[anatomy\\]"):
+    with pytest.raises(MissingExtraError, match="pip install nilearn"):
         AnatomyPhantomDataset(2, shape=SMALL)
     with pytest.raises(MissingExtraError, match="mricron-data"):
         anatomy.resolve_source("colin27")

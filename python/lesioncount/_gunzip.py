@@ -57,8 +57,10 @@ def _resolve(name: str, source: str) -> tuple[str, ModuleType]:
     except ImportError as exc:
         from ._extras import MissingExtraError
 
+        from ._extras import install_hint
+
         raise MissingExtraError(f"{source}={name!r}: the {_PIP_NAME[name]} package is not installed: "
-                                f"pip install 'lesioncount[io]' (or pip install {_PIP_NAME[name]})") from exc
+                                f"pip install {_PIP_NAME[name]} (or all of {install_hint('io')})") from exc
 
 
 def set_gzip_backend(name: str = "auto") -> str:

@@ -1,6 +1,6 @@
 """MONAI adapters: a count loss, a cumulative count metric and a post-processing dictionary transform.
 
-``pip install 'lesioncount[monai]'``. They follow MONAI's conventions: channel-first ``(B, C, ...)``
+Needs MONAI (``pip install monai``; the ``[monai]`` extra). They follow MONAI's conventions: channel-first ``(B, C, ...)``
 network outputs, ``sigmoid=`` / ``softmax=`` / ``other_act=`` to turn them into probabilities,
 ``include_background``, ``reduction=``; metrics accumulate with ``metric(y_pred, y)`` and report
 with ``aggregate()`` / ``reset()``; dictionary transforms take ``keys``.

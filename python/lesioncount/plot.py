@@ -1,7 +1,7 @@
 """Figures for lesion counting: count-distribution bars, reliability diagrams, accuracy vs discarded
 fraction, threshold sweeps and slice overlays of the candidates with their existence probabilities.
 
-matplotlib is imported lazily (``pip install 'lesioncount[plot]'``). Figures are created as
+matplotlib is imported lazily (``pip install matplotlib``, the ``[plot]`` extra). Figures are created as
 ``matplotlib.figure.Figure`` objects drawn by the Agg canvas, without pyplot: no global backend is
 changed, nothing opens a window, and figures need no explicit closing. Every function takes an
 optional ``ax`` to draw into (it then returns ``ax.figure``); without one it creates a figure.

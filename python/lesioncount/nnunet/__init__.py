@@ -1,7 +1,7 @@
 """nnU-Net v2 integration: a trainer that adds the paper's count term to nnU-Net's own loss.
 
-``pip install 'lesioncount[nnunet]'`` (nnunetv2). The trainer class :class:`nnUNetTrainerCount`
-lives in :mod:`lesioncount.nnunet.trainer` and is imported lazily here, so that
+Needs nnunetv2 (the ``[nnunet]`` extra: ``pip install --no-build-isolation '.[nnunet]'`` from the
+source folder). The trainer class :class:`nnUNetTrainerCount` lives in :mod:`lesioncount.nnunet.trainer` and is imported lazily here, so that
 :func:`write_phantom_dataset` (which needs only nibabel) works without nnU-Net installed.
 
 Selecting the trainer (nnU-Net finds trainers by class name):

@@ -24,8 +24,8 @@ sequences are ``sum_t p_t * TISSUE_INTENSITIES[t]``, then the lesion model of
 distractors, then bias field and Rician noise.
 
 When no template is present, :func:`resolve_source` raises
-:class:`~lesioncount._extras.MissingExtraError` naming ``pip install 'lesioncount[anatomy]'``
-(nilearn) and ``apt install mricron-data``.
+:class:`~lesioncount._extras.MissingExtraError` naming what to install: ``pip install nilearn`` (the
+``[anatomy]`` extra) or ``apt install mricron-data``.
 
 Example:
     >>> from lesioncount.train.anatomy import generate_anatomy_case
@@ -87,7 +87,8 @@ COLIN27_CANDIDATES = (
 )
 MISSING_MESSAGE = (
     "no anatomy template found for the anatomy phantoms: install nilearn, which bundles the MNI152 "
-    "templates (pip install 'lesioncount[anatomy]'), or Debian's Colin27 brain (apt install mricron-data)"
+    "templates (pip install nilearn; from the lesioncount source folder also pip install --no-build-isolation "
+    "'.[anatomy]'), or Debian's Colin27 brain (apt install mricron-data)"
 )
 
 
@@ -152,7 +153,7 @@ def resolve_source(source: Optional[str] = None) -> str:
     Raises:
         ValueError: unknown ``source``.
         MissingExtraError: the requested (or any) template is not installed; the message names
-            ``pip install 'lesioncount[anatomy]'`` and ``apt install mricron-data``.
+            ``pip install nilearn`` and ``apt install mricron-data``.
 
     Example:
         >>> resolve_source() in SOURCES   # doctest: +SKIP
@@ -166,12 +167,12 @@ def resolve_source(source: Optional[str] = None) -> str:
         return "colin27"
     if source == "mni152":
         raise MissingExtraError("the MNI152 templates bundled with nilearn were not found: "
-                                "pip install 'lesioncount[anatomy]' (or use source='colin27' after "
+                                "pip install nilearn (or use source='colin27' after "
                                 "apt install mricron-data)")
     if source == "colin27":
         raise MissingExtraError(f"the Colin27 brain was not found at {', '.join(COLIN27_CANDIDATES)} "
                                 f"(or $LESIONCOUNT_COLIN27): apt install mricron-data (or use source='mni152' "
-                                f"after pip install 'lesioncount[anatomy]')")
+                                f"after pip install nilearn)")
     raise MissingExtraError(MISSING_MESSAGE)
 
 
