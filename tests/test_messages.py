@@ -47,3 +47,66 @@ def test_gzip_backend_hint(monkeypatch):
     with pytest.raises(MissingExtraError) as info:
         _gunzip.set_gzip_backend("isal")
     assert "pip install isal" in str(info.value) and "pip install 'lesioncount[" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# values that are not probabilities, volumes without their batch dimension
+
+
+def test_integer_map_is_called_a_label_or_uint8_image_not_logits():
+    import torch
+
+    from lesioncount._validation import check_values
+
+    x = torch.zeros(1, 4, 8, 8)
+    x[0, 1, 2:4, 2:4] = 255.0
+    with pytest.raises(ValueError) as info:
+        check_values(x, probabilities=True)
+    msg = str(info.value)
+    assert "[0, 255]" in msg and "label map or an integer (e.g. uint8 0..255) image" in msg
+    assert "divide by 255" in msg and "only for raw network logits" in msg
+    x[0, 1, 2, 2] = 2.5  # not whole numbers: logits are possible, the old advice stays
+    with pytest.raises(ValueError, match="pass from_logits=True if these are logits"):
+        check_values(x, probabilities=True)
+
+
+def test_count_cli_on_a_uint8_map_says_rescale(tmp_path, capsys):
+    nib = pytest.importorskip("nibabel")
+    import numpy as np
+
+    from lesioncount.cli import main
+
+    data = np.zeros((12, 12, 8), dtype=np.uint8)
+    data[3:6, 3:6, 2:4] = 255
+    (tmp_path / "in").mkdir()
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / "in" / "seg.nii.gz"))
+    assert main(["count", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--workers", "1"]) == 1
+    err = (tmp_path / "out" / "errors.csv").read_text()
+    assert "label map or an integer (e.g. uint8 0..255) image" in err and "--from-logits" in err
+
+
+@pytest.mark.parametrize("fn", ["count_distribution", "cc_count", "label"])
+def test_volume_without_batch_dimension_says_add_it(fn):
+    import torch
+
+    import lesioncount
+
+    volume = torch.rand(8, 16, 16) * 0.2  # (D, H, W): one volume, no batch dimension
+    call = {"count_distribution": lambda: lesioncount.count_distribution(volume),
+            "cc_count": lambda: lesioncount.cc_count(volume),
+            "label": lambda: lesioncount.label(volume, 0.1, 18)}[fn]
+    with pytest.raises(ValueError) as info:
+        call()
+    msg = str(info.value)
+    assert "single 3-D volume (D, H, W)" in msg and "volume[None] -> (1, D, H, W)" in msg
+    assert lesioncount.count_distribution(volume[None]).pmf.shape[0] == 1  # the advice works
+
+
+def test_2d_batch_with_2d_connectivity_still_fine_and_single_image_hint():
+    import torch
+
+    import lesioncount
+
+    assert lesioncount.cc_count(torch.zeros(3, 8, 8), connectivity=8).tolist() == [0, 0, 0]
+    with pytest.raises(ValueError, match=r"single image \(H, W\) needs its batch dimension"):
+        lesioncount.count_distribution(torch.zeros(8, 8), connectivity=8)

@@ -34,15 +34,26 @@ def canonical_spatial(input: torch.Tensor, name: str = "input") -> torch.Tensor:
     raise ValueError(
         f"`{name}` must have shape (B, H, W) for 2D or (B, D, H, W) / (B, 1, D, H, W) for 3D, got "
         f"{input.dim()} dimensions {tuple(input.shape)}"
+        + ("; a single image (H, W) needs its batch dimension: x[None]" if input.dim() == 2 else "")
     )
 
 
 def check_connectivity(connectivity, spatial_rank: int) -> int:
+    """``connectivity`` checked against the input's number of spatial dimensions (the last ones after
+    the batch dimension). A 3-D connectivity on a 3-dimensional tensor is almost always a single
+    volume (D, H, W) passed without its batch dimension: the message says so."""
     allowed = _CONNECTIVITIES[spatial_rank]
     if isinstance(connectivity, bool) or not isinstance(connectivity, int) or connectivity not in allowed:
+        hint = ""
+        if spatial_rank == 2 and connectivity in _CONNECTIVITIES[3]:
+            hint = (
+                ". The input has 3 dimensions and was read as a batch of 2-D images (B, H, W); a single "
+                "3-D volume (D, H, W) has the same shape, so add its batch dimension: volume[None] -> "
+                "(1, D, H, W) (for a batch of 2-D images use connectivity 4 or 8)"
+            )
         raise ValueError(
             f"`connectivity` must be one of {allowed} for {spatial_rank}D input (neighbour count, as in "
-            f"cc3d), got {connectivity!r}"
+            f"cc3d), got {connectivity!r}{hint}"
         )
     return connectivity
 
@@ -75,6 +86,25 @@ def check_nonneg_int(value, name: str, allow_none: bool = False):
     return value
 
 
+def out_of_range_hint(input: torch.Tensor, lo: float, hi: float, logits_option: str = "from_logits=True") -> str:
+    """What to do about values outside [0, 1] given as probabilities, for error messages.
+
+    Whole numbers in [0, hi] with hi > 1 (a label map, a uint8 0..255 or other integer image) are
+    not logits: say so, instead of suggesting ``logits_option``. One extra pass, on the error path only.
+
+    Example:
+        >>> out_of_range_hint(torch.tensor([0.0, 255.0]), 0.0, 255.0)[:45]
+        'the values are whole numbers in [0, 255]: thi'
+    """
+    if lo >= 0.0 and hi > 1.0 and math.isfinite(hi) and bool((input == torch.round(input)).all()):
+        return (
+            f"the values are whole numbers in [{lo:g}, {hi:g}]: this looks like a label map or an integer "
+            f"(e.g. uint8 0..255) image, not probabilities; pass the network's probabilities, or rescale the "
+            f"image to [0, 1] (e.g. divide by {hi:g}); {logits_option} is only for raw network logits"
+        )
+    return f"pass {logits_option} if these are logits"
+
+
 def check_values(input: torch.Tensor, *, probabilities: bool, name: str = "input") -> None:
     """Rejects NaN, and values outside [0, 1] when ``probabilities``. One pass (and, on CUDA, one
     host sync); skipped while tracing."""
@@ -95,8 +125,8 @@ def check_values(input: torch.Tensor, *, probabilities: bool, name: str = "input
         raise ValueError(f"`{name}` contains NaN")
     if probabilities and (lo < 0.0 or hi > 1.0):
         raise ValueError(
-            f"`{name}` must hold probabilities in [0, 1] (pass from_logits=True for logits), got values "
-            f"in [{lo:.6g}, {hi:.6g}]"
+            f"`{name}` must hold probabilities in [0, 1], got values in [{lo:.6g}, {hi:.6g}]; "
+            f"{out_of_range_hint(input.detach(), lo, hi)}"
         )
 
 

@@ -206,9 +206,11 @@ def _check_values_host(x: torch.Tensor, from_logits: bool) -> None:
     if math.isnan(lo) or math.isnan(hi):
         raise ValueError("the map contains NaN")
     if not from_logits and (lo < 0.0 or hi > 1.0):
+        from ._validation import out_of_range_hint
+
         raise ValueError(
-            f"values must be probabilities in [0, 1] (pass --from-logits / from_logits=True for logits), "
-            f"got values in [{lo:.6g}, {hi:.6g}]"
+            f"values must be probabilities in [0, 1], got values in [{lo:.6g}, {hi:.6g}]; "
+            f"{out_of_range_hint(x, lo, hi, '--from-logits / from_logits=True')}"
         )
 
 
