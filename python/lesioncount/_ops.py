@@ -234,3 +234,207 @@ if HAS_OPS:
         "lesioncount::_region_max_backward", _region_max_double_backward,
         setup_context=_region_max_backward_setup,
     )
+
+
+# ---- eager entry points: forward-mode AD and torch.func ----
+#
+# torch.library.register_autograd gives the ops reverse mode only: under forward-mode AD
+# (torch.autograd.forward_ad, torch.func.jvp / jacfwd) an op with no forward formula silently
+# yields zero tangents, and torch.func.grad / jacrev reject it. So eager calls go through the
+# autograd.Functions below, which add the forward formulas (jvp) and vmap rules (through the
+# register_vmap rules of the ops: the vmapped dimension is folded into the batch dimension, which
+# every op already loops over). Under torch.compile (which cannot trace a custom jvp) the ops are
+# called directly and their registered autograd applies; both routes call the same kernels.
+if HAS_OPS:
+
+    def _fold_batch(info, in_dims, args):
+        """Moves each tensor's vmapped dimension into its batch dimension (dim 0)."""
+        size = info.batch_size
+        folded = []
+        for arg, dim in zip(args, in_dims):
+            if isinstance(arg, torch.Tensor):
+                arg = arg.movedim(dim, 0) if dim is not None else arg.unsqueeze(0).expand(size, *arg.shape)
+                arg = arg.reshape(size * arg.shape[1], *arg.shape[2:])
+            folded.append(arg)
+        return folded
+
+    def _unfold(size, batch, *outputs):
+        return tuple(o.reshape(size, batch, *o.shape[1:]) for o in outputs)
+
+    def _batch_of(in_dims, args):
+        for arg, dim in zip(args, in_dims):
+            if isinstance(arg, torch.Tensor):
+                return arg.shape[dim + 1] if dim is not None else arg.shape[0]
+        raise AssertionError("no tensor argument")
+
+    def _vmap_rule(op, num_tensor_outputs):
+        def rule(info, in_dims, *args):
+            batch = _batch_of(in_dims, args)
+            out = op(*_fold_batch(info, in_dims, args))
+            outs = out if isinstance(out, tuple) else (out,)
+            unfolded = _unfold(info.batch_size, batch, *outs)
+            if num_tensor_outputs == 1:
+                return unfolded[0], 0
+            return unfolded, (0,) * num_tensor_outputs
+        return rule
+
+    for _name, _outputs in (("label", 2), ("region_max", 2), ("_region_topk", 3), ("poisson_binomial", 1),
+                            ("_poisson_binomial_backward", 1)):
+        torch.library.register_vmap(f"lesioncount::{_name}", _vmap_rule(getattr(_lib, _name), _outputs))
+
+    def _region_max_backward_vmap(info, in_dims, grad_values, argmax, input_shape):
+        batch = input_shape[0]
+        grad_values, argmax = _fold_batch(info, in_dims[:2], (grad_values, argmax))
+        out = _lib._region_max_backward(grad_values, argmax, [info.batch_size * batch, *input_shape[1:]])
+        return out.reshape(info.batch_size, *input_shape), 0
+
+    torch.library.register_vmap("lesioncount::_region_max_backward", _region_max_backward_vmap)
+
+    def _gather_at_argmax(tangent_input, argmax):
+        """Forward-mode derivative of a region maximum: the input's tangent at the argmax voxel."""
+        flat = tangent_input.reshape(argmax.shape[0], -1)
+        if flat.shape[1] == 0:
+            return tangent_input.new_zeros(argmax.shape)
+        gathered = flat.gather(1, argmax.clamp_min(0))
+        return torch.where(argmax >= 0, gathered, torch.zeros((), dtype=gathered.dtype, device=gathered.device))
+
+    class _PoissonBinomialBackwardFunction(torch.autograd.Function):
+        """The backward kernel as a Function, so that torch.func transforms (which differentiate
+        the backward pass itself) get a clear error for a second derivative instead of a
+        torch-internal one."""
+
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(grad, probs, max_count, log_space, from_logits):
+            return _lib._poisson_binomial_backward(grad, probs, max_count, log_space, from_logits)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def backward(ctx, *grads):
+            _pb_double_backward(ctx, *grads)
+
+        @staticmethod
+        def jvp(ctx, *tangents):
+            _pb_double_backward(ctx, *tangents)
+
+    class _RegionMaxBackwardFunction(torch.autograd.Function):
+        """The sparse scatter of region_max's backward as a Function: linear in ``grad_values``, so
+        its derivatives are the same scatter (forward mode) and a gather (reverse mode)."""
+
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(grad_values, argmax, input_shape):
+            return _sparse_region_grad(grad_values, argmax, input_shape)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            _region_max_backward_setup(ctx, inputs, output)
+            ctx.save_for_forward(inputs[1])
+            ctx.input_shape = inputs[2]
+
+        @staticmethod
+        def backward(ctx, grad_grad_input):
+            return _region_max_double_backward(ctx, grad_grad_input)
+
+        @staticmethod
+        def jvp(ctx, tangent_grad_values, *_):
+            (argmax,) = ctx.saved_tensors
+            return _sparse_region_grad(tangent_grad_values, argmax, ctx.input_shape)
+
+    def _eager_region_grad(ctx, grad_values):
+        (argmax,) = ctx.saved_tensors
+        return _RegionMaxBackwardFunction.apply(grad_values, argmax, list(ctx.input_shape)), None, None
+
+    class _RegionMaxFunction(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(input, labels, num_regions):
+            return _lib.region_max(input, labels, num_regions)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            _region_max_setup(ctx, inputs, output)
+            ctx.save_for_forward(output[1])
+
+        @staticmethod
+        def backward(ctx, grad_values, grad_argmax):
+            return _eager_region_grad(ctx, grad_values)
+
+        @staticmethod
+        def jvp(ctx, tangent_input, _tangent_labels, _tangent_num):
+            (argmax,) = ctx.saved_tensors
+            return _gather_at_argmax(tangent_input, argmax), None
+
+    class _RegionTopkFunction(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(input, labels, k):
+            return _lib._region_topk(input, labels, k)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            _region_topk_setup(ctx, inputs, output)
+            ctx.save_for_forward(output[1])
+
+        @staticmethod
+        def backward(ctx, grad_values, grad_argmax, grad_ids):
+            return _eager_region_grad(ctx, grad_values)
+
+        @staticmethod
+        def jvp(ctx, tangent_input, _tangent_labels, _tangent_k):
+            (argmax,) = ctx.saved_tensors
+            return _gather_at_argmax(tangent_input, argmax), None, None
+
+    class _PoissonBinomialFunction(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(probs, max_count, log_space, from_logits):
+            return _lib.poisson_binomial(probs, max_count, log_space, from_logits)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            _pb_setup(ctx, inputs, output)
+            ctx.save_for_forward(inputs[0])
+
+        @staticmethod
+        def backward(ctx, grad):
+            (probs,) = ctx.saved_tensors
+            grad_probs = _PoissonBinomialBackwardFunction.apply(grad, probs, ctx.max_count, ctx.log_space,
+                                                                ctx.from_logits)
+            return grad_probs, None, None, None
+
+        @staticmethod
+        def jvp(ctx, tangent_probs, *_):
+            from ._reference import poisson_binomial_jvp
+
+            (probs,) = ctx.saved_tensors
+            return poisson_binomial_jvp(probs, tangent_probs, ctx.max_count, ctx.log_space, ctx.from_logits)
+
+
+def region_max_op(input, labels, num_regions: int):
+    """``lesioncount::region_max`` with reverse and forward-mode AD (eager) or as traced by torch.compile."""
+    if torch.compiler.is_compiling():
+        return _lib.region_max(input, labels, num_regions)
+    return _RegionMaxFunction.apply(input, labels, num_regions)
+
+
+def region_topk_op(input, labels, k: int):
+    """``lesioncount::_region_topk`` with reverse and forward-mode AD (eager) or as traced by torch.compile."""
+    if torch.compiler.is_compiling():
+        return _lib._region_topk(input, labels, k)
+    return _RegionTopkFunction.apply(input, labels, k)
+
+
+def poisson_binomial_op(probs, max_count: int, log_space: bool, from_logits: bool):
+    """``lesioncount::poisson_binomial`` with reverse and forward-mode AD (eager) or as traced by torch.compile."""
+    if torch.compiler.is_compiling():
+        return _lib.poisson_binomial(probs, max_count, log_space, from_logits)
+    return _PoissonBinomialFunction.apply(probs, max_count, log_space, from_logits)

@@ -32,6 +32,7 @@ __all__ = [
     "region_max",
     "region_max_backward",
     "poisson_binomial",
+    "poisson_binomial_jvp",
     "poisson_binomial_bruteforce",
 ]
 
@@ -306,6 +307,74 @@ def poisson_binomial(probs: Tensor, max_count: int, log_space: bool, from_logits
         tail = pmf[:, M : M + 1] + pmf[:, M - 1 : M] * a
         pmf = torch.cat([first, mid, tail], dim=1)
     return pmf.to(out_dtype)
+
+
+def _signed_logsumexp(logs: Tensor, signs: Tensor) -> Tuple[Tensor, Tensor]:
+    """log|sum_i s_i e^{l_i}| and its sign over the last dimension (terms with l = -inf are 0)."""
+    top = logs.max(dim=-1, keepdim=True).values
+    finite_top = torch.where(top > -math.inf, top, torch.zeros_like(top))
+    total = (signs * torch.exp(logs - finite_top)).sum(dim=-1, keepdim=True)
+    log_abs = torch.where(total != 0, finite_top + torch.log(total.abs()), torch.full_like(total, -math.inf))
+    return log_abs.squeeze(-1), torch.where(total < 0, -1.0, 1.0).to(logs.dtype).squeeze(-1)
+
+
+def poisson_binomial_jvp(probs: Tensor, tangent: Tensor, max_count: int, log_space: bool,
+                         from_logits: bool) -> Tensor:
+    """Forward-mode derivative (Jacobian-vector product) of :func:`poisson_binomial`.
+
+    ``probs`` and ``tangent`` are (B, K); returns the (B, M+1) tangent of the pmf (or of the log-pmf
+    when ``log_space``) in ``probs.dtype``. It carries the derivative T(c) = dP(c) through the same
+    dynamic program (dual numbers), O(K*M):
+
+        T'(c) = T(c) q_k + T(c-1) p_k + dp_k (P(c-1) - P(c)),   tail: T'(M) = T(M) + T(M-1) p_k + dp_k P(M-1)
+
+    with P and T held as (signed) logarithms, so nothing underflows and nothing is divided by a
+    probability: exact for p exactly 0 or 1 (eq. 3 of the paper differentiated) and for saturated
+    logits. The log-pmf's tangent is T / P; a bin with ``log P = -inf`` gets tangent 0, the same
+    convention as the backward kernels use for the gradient of such a bin. With ``from_logits`` the
+    input tangent is that of the logits: dp = dz p (1 - p).
+    """
+    M = int(max_count)
+    B, K = probs.shape
+    out_dtype = probs.dtype
+    x = probs.to(torch.float64)
+    v = tangent.to(torch.float64)
+    dev = x.device
+    if M == 0 or K == 0:
+        return torch.zeros((B, M + 1), dtype=out_dtype, device=dev)
+    if from_logits:
+        lp = -torch.nn.functional.softplus(-x)
+        lq = -torch.nn.functional.softplus(x)
+        log_dp = _safe_log(v.abs()) + lp + lq
+    else:
+        lp, lq = _safe_log(x), _safe_log1m(x)
+        log_dp = _safe_log(v.abs())
+    sign_dp = torch.where(v < 0, -1.0, 1.0).to(torch.float64)
+    L = torch.full((B, M + 1), -math.inf, dtype=torch.float64, device=dev)  # log P
+    L[:, 0] = 0.0
+    LT = torch.full_like(L, -math.inf)  # log |T|
+    ST = torch.ones_like(L)  # sign of T
+    neg_inf = torch.full((B, 1), -math.inf, dtype=torch.float64, device=dev)
+    ones = torch.ones((B, 1), dtype=torch.float64, device=dev)
+    zeros = torch.zeros((B, 1), dtype=torch.float64, device=dev)
+    for k in range(K):
+        a, c = lp[:, k : k + 1], lq[:, k : k + 1]
+        ld, sd = log_dp[:, k : k + 1], sign_dp[:, k : k + 1]
+        keep = torch.cat([c.expand(B, M), zeros], 1)  # log of the "no success" factor; tail keeps P(M)
+        prev_L = torch.cat([neg_inf, L[:, :M]], 1)
+        prev_LT = torch.cat([neg_inf, LT[:, :M]], 1)
+        prev_ST = torch.cat([ones, ST[:, :M]], 1)
+        here_L = torch.cat([L[:, :M], neg_inf], 1)  # P(c) leaves bin c (not the tail)
+        logs = torch.stack([LT + keep, prev_LT + a, ld + prev_L, ld + here_L], -1)
+        signs = torch.stack([ST, prev_ST, sd.expand(B, M + 1), -sd.expand(B, M + 1)], -1)
+        LT, ST = _signed_logsumexp(logs, signs)
+        L = _logaddexp(L + keep, prev_L + a)
+    if log_space:
+        out = torch.where(L > -math.inf, ST * torch.exp(LT - torch.where(L > -math.inf, L, zeros)),
+                          torch.zeros_like(L))
+    else:
+        out = ST * torch.exp(LT)
+    return out.to(out_dtype)
 
 
 def poisson_binomial_bruteforce(probs_1d, max_count: int) -> np.ndarray:

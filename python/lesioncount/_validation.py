@@ -1,6 +1,7 @@
 """Argument checks shared by the public functions. Every error names the argument at fault."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -9,12 +10,66 @@ _CONNECTIVITIES = {2: (4, 8), 3: (6, 18, 26)}
 _LABEL_DTYPES = (torch.bool, torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def vmap_active() -> bool:
+    """True inside ``torch.func.vmap`` (also nested in other torch.func transforms)."""
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    vmap = torch._C._functorch.TransformType.Vmap
+    return any(level.key() == vmap for level in torch._C._functorch.get_interpreter_stack())
+
+
 def tracing() -> bool:
-    """True under torch.compile tracing or CUDA-graph capture, where data-dependent checks (host
-    syncs) must be skipped."""
-    if torch.compiler.is_compiling():
+    """True under torch.compile tracing, CUDA-graph capture or ``torch.func.vmap``, where
+    data-dependent checks (host syncs, ``.item()``) must be skipped. The compiled kernels check
+    their inputs themselves while reading them."""
+    if torch.compiler.is_compiling() or vmap_active():
         return True
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def require_static_under_vmap(argument: str, what: str) -> None:
+    """Raises when a data-dependent size would be needed inside ``torch.func.vmap``."""
+    if vmap_active():
+        raise RuntimeError(
+            f"lesioncount: under torch.func.vmap {what} depends on the data of each item, which vmap "
+            f"cannot read; pass `{argument}` (a static size) to vmap this call"
+        )
+
+
+def plain_values(t: torch.Tensor, what: str) -> torch.Tensor:
+    """The values of ``t`` as an ordinary tensor, for code that reads data outside torch (SciPy):
+    peels torch.func's gradient-tracking wrappers (the caller uses the values only, no gradient);
+    a vmapped tensor cannot be peeled into per-item values, so it raises."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            raise RuntimeError(
+                f"lesioncount: {what} is computed by SciPy in the fallback (the compiled library is not "
+                f"loaded), which torch.func.vmap cannot batch; build the compiled ops (lesioncount.has_ops()) "
+                f"or loop over the items"
+            )
+        t = functorch.get_unwrapped(t)
+    return t
+
+
+def outside_transforms():
+    """A context in which the peeled values of :func:`plain_values` can be read (``.numpy()``):
+    torch.func's interpreter stack is set aside (the results are constants to the transforms)."""
+    if not torch._C._are_functorch_transforms_active():
+        return contextlib.nullcontext()
+    from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
+
+    return temporarily_clear_interpreter_stack()
+
+
+def check_not_meta(t: torch.Tensor, name: str = "input") -> None:
+    """Meta tensors have shapes but no values; lesioncount's results depend on the values."""
+    if t.device.type == "meta":
+        raise ValueError(
+            f"`{name}` is a meta tensor: lesioncount needs the values (the candidates and their number "
+            f"depend on the data). For shape propagation trace with torch.compile or "
+            f"torch._subclasses.FakeTensorMode (with max_lesions for a static number of candidates)"
+        )
 
 
 def canonical_spatial(input: torch.Tensor, name: str = "input") -> torch.Tensor:
@@ -22,6 +77,7 @@ def canonical_spatial(input: torch.Tensor, name: str = "input") -> torch.Tensor:
     a (B, 1, D, H, W) tensor."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor, got {type(input).__name__}")
+    check_not_meta(input, name)
     if input.dim() == 5:
         if input.shape[1] != 1:
             raise ValueError(
@@ -69,7 +125,7 @@ def check_threshold(threshold, *, probability: bool) -> float:
     if isinstance(threshold, torch.Tensor):
         raise TypeError("`threshold` must be a Python float, not a tensor")
     threshold = float(threshold)
-    if math.isnan(threshold):
+    if threshold != threshold:  # NaN; not math.isnan, which torch.compile(dynamic=True) cannot trace
         raise ValueError("`threshold` must not be NaN")
     if probability and not (0.0 <= threshold < 1.0):
         raise ValueError(f"`threshold` is a probability and must lie in [0, 1), got {threshold}")

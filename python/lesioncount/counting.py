@@ -14,6 +14,7 @@ from ._validation import (
     check_same_device,
     check_threshold,
     check_values,
+    require_static_under_vmap,
 )
 from .ops import label, poisson_binomial, region_max
 
@@ -138,6 +139,7 @@ def count_distribution(
         labels, num = label(x.detach(), label_threshold, connectivity, min_size)
 
     if max_lesions is None:
+        require_static_under_vmap("max_lesions", "the number of candidates")
         lowest, num_regions = torch.stack([num.min(), num.max()]).tolist() if batch > 0 else (0, 0)  # the one host sync
         if lowest < 0:  # the CUDA labeler reports NaN input as num = -1 (it cannot raise without a sync)
             raise ValueError("`input` contains NaN")
@@ -146,7 +148,7 @@ def count_distribution(
         truncated = torch.zeros(batch, dtype=torch.bool, device=x.device)
     elif _ops.has_kernel("_region_topk", x.device):
         # One pass, static (B, max_lesions) output, per-item work proportional to the regions found.
-        values, argmax, ids = torch.ops.lesioncount._region_topk(x, labels, max_lesions)
+        values, argmax, ids = _ops.region_topk_op(x, labels, max_lesions)
         truncated = num > max_lesions
     else:
         # Device without _region_topk: region_max over a data-free bound on the number of
@@ -183,7 +185,10 @@ def count_distribution(
         lesion_probs = dp_input
     M = dp_input.shape[1] if max_count is None else max_count
     log_pmf = poisson_binomial(dp_input, M, log=True, from_logits=from_logits)
-    pmf = log_pmf.exp()
+    # The pmf comes from the linear-space DP, not from exp(log_pmf): a bin whose probability is
+    # exactly 0 (P(C = 0) once a candidate has p = 1) still has the nonzero derivative of eq. 3
+    # (dP(C=0)/dp_1 = -prod_{k>1} (1 - p_k)), which exp(-inf) would turn into 0.
+    pmf = poisson_binomial(dp_input, M, log=False, from_logits=from_logits)
     entropy = -torch.where(pmf > 0, pmf * log_pmf, torch.zeros((), dtype=pmf.dtype, device=pmf.device)).sum(1)
     return CountResult(
         pmf=pmf,

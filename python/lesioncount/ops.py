@@ -13,8 +13,12 @@ from ._validation import (
     check_connectivity,
     check_label_dtype,
     check_nonneg_int,
+    check_not_meta,
     check_same_device,
     check_threshold,
+    outside_transforms,
+    plain_values,
+    require_static_under_vmap,
     tracing,
 )
 
@@ -58,7 +62,7 @@ def label(input: torch.Tensor, threshold: float = 0.1, connectivity: int = 18, m
     check_nonneg_int(min_size, "min_size")
     if _use_compiled("label", x):
         labels, num = torch.ops.lesioncount.label(x, threshold, connectivity, min_size)
-        if x.is_floating_point() and not torch.compiler.is_compiling():
+        if x.is_floating_point() and not tracing():
             # The CUDA labeler cannot raise without a host sync: it marks an item containing NaN
             # with num = -1 (and all-zero labels). This assertion turns that into an error instead
             # of a silent wrong answer: on the GPU asynchronously (a device-side assertion, at the
@@ -66,9 +70,11 @@ def label(input: torch.Tensor, threshold: float = 0.1, connectivity: int = 18, m
             # the kernel has raised already, so it never fires).
             torch._assert_async((num >= 0).all(), "label: `input` contains NaN")
         return labels, num
-    if not tracing() and x.is_floating_point() and x.numel() and bool(torch.isnan(x).any()):
-        raise ValueError("`input` contains NaN")
-    return _reference.label(x, threshold, connectivity, min_size)
+    x = plain_values(x, "label")  # SciPy reads the values: peel torch.func's wrappers
+    with outside_transforms():
+        if not tracing() and x.is_floating_point() and x.numel() and bool(torch.isnan(x).any()):
+            raise ValueError("`input` contains NaN")
+        return _reference.label(x, threshold, connectivity, min_size)
 
 
 def region_max(input: torch.Tensor, labels: torch.Tensor, num_regions: int | None = None):
@@ -94,6 +100,9 @@ def region_max(input: torch.Tensor, labels: torch.Tensor, num_regions: int | Non
     """
     if not isinstance(labels, torch.Tensor):
         raise TypeError("`labels` must be a torch.Tensor")
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"`input` must be a torch.Tensor, got {type(input).__name__}")
+    check_not_meta(input, "input")
     x = input.squeeze(1) if input.dim() == 5 and input.shape[1] == 1 else input
     lab = labels.squeeze(1) if labels.dim() == 5 and labels.shape[1] == 1 else labels
     check_same_device(("input", x), ("labels", lab))
@@ -106,10 +115,11 @@ def region_max(input: torch.Tensor, labels: torch.Tensor, num_regions: int | Non
     if lab.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"`labels` must be int32 or int64, got {lab.dtype}")
     if num_regions is None:
+        require_static_under_vmap("num_regions", "the number of regions")
         num_regions = int(lab.max()) if lab.numel() else 0
     check_nonneg_int(num_regions, "num_regions")
     if _use_compiled("region_max", x):
-        return torch.ops.lesioncount.region_max(x, lab, num_regions)
+        return _ops.region_max_op(x, lab, num_regions)
     return _reference.region_max(x, lab, num_regions)
 
 
@@ -136,6 +146,7 @@ def poisson_binomial(probs: torch.Tensor, max_count: int | None = None, log: boo
     """
     if not isinstance(probs, torch.Tensor):
         raise TypeError("`probs` must be a torch.Tensor")
+    check_not_meta(probs, "probs")
     if probs.dim() != 2:
         raise ValueError(f"`probs` must have shape (B, K), got {probs.dim()} dimensions {tuple(probs.shape)}")
     if not probs.is_floating_point():
@@ -152,5 +163,5 @@ def poisson_binomial(probs: torch.Tensor, max_count: int | None = None, log: boo
         if not from_logits and (bool((probs < 0).any()) or bool((probs > 1).any())):
             raise ValueError("`probs` must lie in [0, 1] (pass from_logits=True for logits)")
     if compiled:
-        return torch.ops.lesioncount.poisson_binomial(probs, max_count, bool(log), bool(from_logits))
+        return _ops.poisson_binomial_op(probs, max_count, bool(log), bool(from_logits))
     return _reference.poisson_binomial(probs, max_count, bool(log), bool(from_logits))
