@@ -549,3 +549,288 @@ def test_min_volume_tolerates_float32_spacings_of_nifti_headers(tmp_path):
     report = _load(out, "iso09")
     assert report["settings"]["min_size_voxels"] == 10
     assert [r["size_voxels"] for r in report["lesions"]] == [10]
+
+
+# ----------------------------------------------------------------------------- crash-safe outputs (issue 16, item 4)
+
+
+def _hidden_leftovers(folder):
+    """Temporary and lock files left in an output folder."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_outputs_are_replaced_atomically_through_unique_fsynced_temporary_files(tmp_path, monkeypatch):
+    import re
+
+    from lesioncount import io as lio
+    from lesioncount.commands import count as count_command
+
+    replaced, synced = [], []
+    real_replace, real_fsync = os.replace, os.fsync
+    monkeypatch.setattr(lio.os, "replace", lambda a, b: (replaced.append((pathlib.Path(a), pathlib.Path(b))),
+                                                         real_replace(a, b))[1])
+    monkeypatch.setattr(lio.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    target = tmp_path / "c.json"
+    count_command._write_json(target, '{"a": 1}')
+    count_command._write_json(target, '{"a": 2}')
+    assert json.loads(target.read_text()) == {"a": 2} and len(synced) == 2
+    (first, dest1), (second, dest2) = replaced
+    assert dest1 == dest2 == target and first != second  # a fresh name per write
+    assert re.fullmatch(rf"\.c\.json\.{os.getpid()}\.[0-9a-f]{{16}}\.tmp", first.name), first.name
+    # every file of a run goes through the same path: case JSON, label map, summary, lesions, errors
+    maps = _maps(2, seed=21)
+    _write_folder(tmp_path / "in", maps)
+    replaced.clear()
+    assert _run("-i", tmp_path / "in", "-o", tmp_path / "out", "--save-labels") == 0
+    assert sorted(dest.name for _, dest in replaced) == sorted(
+        ["case_00.json", "case_01.json", "case_00_labels.nii.gz", "case_01_labels.nii.gz", "summary.csv",
+         "lesions.csv", "errors.csv"])
+    assert all(src.name.startswith(f".{dest.name}.{os.getpid()}.") for src, dest in replaced)
+    assert _hidden_leftovers(tmp_path / "out") == []
+
+
+def test_a_failed_label_map_write_leaves_no_partial_file_and_skip_existing_rewrites_bad_ones(tmp_path, monkeypatch,
+                                                                                             capsys):
+    maps = _maps(3, seed=22)
+    _write_folder(tmp_path / "in", maps)
+    out = tmp_path / "out"
+    assert _run("-i", tmp_path / "in", "-o", out, "--save-labels", "--threshold", 0.1) == 0
+    good = {b: np.asanyarray(nib.load(str(out / f"case_{b:02d}_labels.nii.gz")).dataobj) for b in range(3)}
+    # a write that dies half-way (disk full) while --overwrite recomputes case_01: no partial label map
+    real = nib.Nifti1Image.to_file_map
+    calls = []
+
+    def dying(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            fileobj = (args[0] if args else kwargs["file_map"])["image"].fileobj
+            fileobj.write(b"\0" * 100)
+            raise OSError(28, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(nib.Nifti1Image, "to_file_map", dying)
+    assert _run("-i", tmp_path / "in", "-o", out, "--save-labels", "--overwrite", "--workers", 0,
+                "--threshold", 0.3) == 1
+    monkeypatch.setattr(nib.Nifti1Image, "to_file_map", real)
+    assert [r["case"] for r in _csv(out / "errors.csv")] == ["case_01"]
+    assert "No space left" in _csv(out / "errors.csv")[0]["error"]
+    assert not (out / "case_01_labels.nii.gz").exists()  # neither a partial file nor the old (threshold 0.1) one
+    assert not (out / "case_01.json").exists()  # nor the old JSON: --overwrite replaced this case's outputs
+    assert [r["case"] for r in _csv(out / "summary.csv")] == ["case_00", "case_02"]
+    assert _hidden_leftovers(out) == []
+    # --skip-existing --save-labels: a kept case with a 0-byte or a missing label map gets it written
+    (out / "case_00_labels.nii.gz").write_bytes(b"")
+    (out / "case_02_labels.nii.gz").unlink()
+    capsys.readouterr()
+    assert _run("-i", tmp_path / "in", "-o", out, "--save-labels", "--skip-existing", "--threshold", 0.3) == 0
+    assert "case_00_labels.nii.gz: empty (0 bytes)" in capsys.readouterr().err
+    for b in range(3):
+        report = _load(out, f"case_{b:02d}")
+        labels = np.asanyarray(nib.load(str(out / f"case_{b:02d}_labels.nii.gz")).dataobj)
+        assert report["settings"]["threshold"] == 0.3 and labels.max() == report["n_candidates"]
+        ref = ndimage.label(maps[b] > 0.3, STRUCT18)[0]
+        np.testing.assert_array_equal(labels, ref)
+    assert [r["case"] for r in _csv(out / "summary.csv")] == ["case_00", "case_01", "case_02"]
+    # a label map of other settings (truncated, or with other labels) is not kept either
+    raw = (out / "case_01_labels.nii.gz").read_bytes()
+    (out / "case_01_labels.nii.gz").write_bytes(raw[: len(raw) // 2])
+    write_label = lesioncount.io.write_label_map
+    write_label(out / "case_02_labels.nii.gz", good[2], AFFINE)  # threshold 0.1 labels beside a 0.3 JSON
+    assert _run("-i", tmp_path / "in", "-o", out, "--save-labels", "--skip-existing", "--threshold", 0.3) == 0
+    err = capsys.readouterr().err
+    assert "case_01_labels.nii.gz: cannot decompress" in err and "case_02_labels.nii.gz: it holds labels" in err
+    for b in (1, 2):
+        labels = np.asanyarray(nib.load(str(out / f"case_{b:02d}_labels.nii.gz")).dataobj)
+        np.testing.assert_array_equal(labels, ndimage.label(maps[b] > 0.3, STRUCT18)[0])
+    # a recomputed case without --save-labels loses the label map of an earlier run
+    assert _run("-i", tmp_path / "in", "-o", out, "--overwrite", "--threshold", 0.5) == 0
+    assert not list(out.glob("*_labels.nii.gz"))
+
+
+def test_unwritable_summary_is_one_line_error(tmp_path, capsys):
+    maps = _maps(2, seed=23)
+    _write_folder(tmp_path / "in", maps)
+    out = tmp_path / "out"
+    (out / "summary.csv").mkdir(parents=True)  # cannot be replaced by a file (also as root)
+    (out / "summary.csv" / "x").write_text("x")
+    assert _run("-i", tmp_path / "in", "-o", out) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"lesioncount count: error: cannot write {out / 'summary.csv'}: Is a directory"]
+    assert sorted(p.name for p in out.glob("*.json")) == ["case_00.json", "case_01.json"]
+    assert _csv(out / "errors.csv") == [] and len({r["case"] for r in _csv(out / "lesions.csv")}) == 2
+    assert _hidden_leftovers(out) == []
+
+
+def test_dangling_symlinks_and_symlink_loops_are_listed_in_errors(tmp_path, capsys):
+    maps = _maps(2, seed=24)
+    folder = tmp_path / "in"
+    _write_folder(folder, maps)
+    (folder / "gone.nii.gz").symlink_to(tmp_path / "deleted.nii.gz")
+    (folder / "loop_a.nii.gz").symlink_to(folder / "loop_b.nii.gz")
+    (folder / "loop_b.nii.gz").symlink_to(folder / "loop_a.nii.gz")
+    (folder / "ok_link.nii.gz").symlink_to(folder / "case_00.nii.gz")
+    out = tmp_path / "out"
+    assert _run("-i", folder, "-o", out) == 1
+    errors = {r["case"]: r["error"] for r in _csv(out / "errors.csv")}
+    assert set(errors) == {"gone", "loop_a", "loop_b"}
+    assert errors["gone"].startswith("dangling symbolic link") and "deleted.nii.gz" in errors["gone"]
+    assert errors["loop_a"].startswith("symbolic link loop") and errors["loop_b"].startswith("symbolic link loop")
+    assert [r["case"] for r in _csv(out / "summary.csv")] == ["case_00", "case_01", "ok_link"]
+    assert "3 case(s) failed" in capsys.readouterr().err
+
+
+def test_a_second_run_into_a_busy_folder_refuses_naming_the_holder(tmp_path, capsys):
+    from lesioncount.commands.count import LOCK_NAME, FolderLock, _part_lock_name
+
+    maps = _maps(3, seed=25)
+    _write_folder(tmp_path / "in", maps)
+    out = tmp_path / "out"
+    out.mkdir()
+    with FolderLock(out / LOCK_NAME, "count"):  # another (unsharded) run holds the folder
+        assert _run("-i", tmp_path / "in", "-o", out) == 2
+        assert _run("-i", tmp_path / "in", "-o", out, "--num-parts", 2, "--part-id", 1) == 2
+        err = capsys.readouterr().err
+        assert f"is in use by another lesioncount run (pid {os.getpid()} on " in err and ", count;" in err
+        assert not list(out.glob("*.json")) and not list(out.glob("*.csv"))
+    # shards share the folder, but one part cannot run twice, and an unsharded run waits for all
+    with FolderLock(out / LOCK_NAME, "count part 0 of 2", shared=True), \
+            FolderLock(out / _part_lock_name(0, 2), "count part 0 of 2"):
+        assert _run("-i", tmp_path / "in", "-o", out, "--num-parts", 2, "--part-id", 0) == 2
+        assert f"pid {os.getpid()} on" in capsys.readouterr().err
+        assert _run("-i", tmp_path / "in", "-o", out, "--num-parts", 2, "--part-id", 1) == 0
+        assert _run("-i", tmp_path / "in", "-o", out, "--overwrite") == 2
+        assert "count part 0 of 2" in capsys.readouterr().err
+    assert [r["case"] for r in _csv(out / "summary.part-1-of-2.csv")] == ["case_01"]
+    assert _hidden_leftovers(out) == [".lesioncount.part-1-of-2.manifest"]  # lock files removed on release
+    assert _run("-i", tmp_path / "in", "-o", out, "--skip-existing") == 0  # an unsharded run: part files go
+    assert sorted(p.name for p in out.glob("*.csv")) == ["errors.csv", "lesions.csv", "summary.csv"]
+    assert _hidden_leftovers(out) == []
+
+
+_SLOW_RUN = """
+import sys, time
+from lesioncount.commands import count
+real = count._process_case
+def slow(*args):
+    time.sleep(0.6)
+    return real(*args)
+count._process_case = slow
+from lesioncount.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _threshold_of(path):
+    try:  # (a file can go between glob and open: --overwrite removes the old ones; never a partial one)
+        return json.loads(path.read_text())["settings"]["threshold"]
+    except FileNotFoundError:
+        return None
+
+
+def test_sigint_and_sigterm_leave_consistent_outputs_and_a_busy_folder_refuses(tmp_path, capsys):
+    """Two slow runs (workers / main thread) are stopped by SIGINT / SIGTERM; meanwhile a third run into
+    the first folder refuses. Afterwards each folder's summary lists exactly the cases whose files are there."""
+    import signal
+    import time
+
+    maps = _maps(10, seed=26)
+    _write_folder(tmp_path / "in", maps)
+    out_int, out_term = tmp_path / "out_int", tmp_path / "out_term"
+    # an earlier complete run at threshold 0.1 into out_int: its summary must not survive beside new files
+    assert _run("-i", tmp_path / "in", "-o", out_int, "--save-labels", "--threshold", 0.1) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = {}
+    for sig, out, workers in ((signal.SIGINT, out_int, 2), (signal.SIGTERM, out_term, 0)):
+        cmd = [sys.executable, "-c", _SLOW_RUN, "count", "-q", "-i", str(tmp_path / "in"), "-o", str(out),
+               "--threshold", "0.3", "--save-labels", "--overwrite", "--workers", str(workers)]
+        procs[sig] = (subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True), out)
+    deadline = time.monotonic() + 120  # (process start-up takes seconds on a loaded machine)
+    waiting = dict(procs)
+    while waiting:  # each gets its signal once it has written a case of its own (>= 2.4 s of work left)
+        for sig, (proc, out) in list(waiting.items()):
+            if any(_threshold_of(p) == 0.3 for p in out.glob("*.json")):
+                if sig == signal.SIGINT:  # meanwhile a second run into its folder refuses at once
+                    assert _run("-i", tmp_path / "in", "-o", out, "--overwrite") == 2
+                    assert f"pid {proc.pid} on" in capsys.readouterr().err
+                proc.send_signal(sig)
+                del waiting[sig]
+            else:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    for sig, (proc, out) in procs.items():
+        stdout, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 128 + sig, stderr
+        assert len(stderr.strip().splitlines()) == 1 and stderr.startswith(
+            f"lesioncount count: interrupted by {sig.name}: "), stderr
+        done = [r["case"] for r in _csv(out / "summary.csv")]
+        errors = {r["case"]: r["error"] for r in _csv(out / "errors.csv")}
+        assert 1 <= len(done) < 10
+        assert sorted(done + list(errors)) == [f"case_{b:02d}" for b in range(10)]
+        assert all(f"interrupted by {sig.name}" in e and "--skip-existing" in e for e in errors.values())
+        assert sorted(p.stem for p in out.glob("*.json")) == done  # no old case file beside the new ones
+        assert sorted(p.name for p in out.glob("*_labels.nii.gz")) == [f"{c}_labels.nii.gz" for c in done]
+        assert sorted({r["case"] for r in _csv(out / "lesions.csv")}) == sorted(
+            c for c in done if _load(out, c)["n_candidates"])
+        for case in done:
+            report = _load(out, case)
+            labels = np.asanyarray(nib.load(str(out / f"{case}_labels.nii.gz")).dataobj)
+            assert report["settings"]["threshold"] == 0.3 and labels.max() == report["n_candidates"]
+        assert _hidden_leftovers(out) == []  # no temporary or lock file
+        # finishing with --skip-existing completes the folder
+        assert _run("-i", tmp_path / "in", "-o", out, "--threshold", 0.3, "--save-labels", "--skip-existing") == 0
+        assert [r["case"] for r in _csv(out / "summary.csv")] == [f"case_{b:02d}" for b in range(10)]
+
+
+def test_num_parts_auto_reads_the_slurm_job_array(tmp_path, monkeypatch, capsys):
+    from lesioncount.commands.count import slurm_array_shard
+
+    maps = _maps(5, seed=27)
+    _write_folder(tmp_path / "in", maps)
+    out = tmp_path / "out"
+    for var in ("SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP",
+                "SLURM_ARRAY_TASK_MAX"):
+        monkeypatch.delenv(var, raising=False)
+    assert _run("-i", tmp_path / "in", "-o", out, "--num-parts", "auto") == 2
+    err = capsys.readouterr().err
+    assert "SLURM_ARRAY_TASK_COUNT" in err and "not a task of a SLURM job array" in err and "--num-parts N" in err
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
+    for task in (1, 2):  # sbatch --array=1-2
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(task))
+        assert _run("-i", tmp_path / "in", "-o", out, "--num-parts", "auto") == 0  # --part-id auto implied
+    assert [r["case"] for r in _csv(out / "summary.part-0-of-2.csv")] == ["case_00", "case_02", "case_04"]
+    assert [r["case"] for r in _csv(out / "summary.part-1-of-2.csv")] == ["case_01", "case_03"]
+    assert slurm_array_shard({"SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_ID": "6", "SLURM_ARRAY_TASK_MIN": "0",
+                              "SLURM_ARRAY_TASK_STEP": "2", "SLURM_ARRAY_TASK_MAX": "6"}) == (4, 3)
+    with pytest.raises(ValueError, match="not a uniform range"):  # --array=1,5,7
+        slurm_array_shard({"SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "1",
+                           "SLURM_ARRAY_TASK_MAX": "7"})
+    with pytest.raises(ValueError, match="SLURM_ARRAY_TASK_ID='x' is not an integer"):
+        slurm_array_shard({"SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_ID": "x", "SLURM_ARRAY_TASK_MIN": "1"})
+    with pytest.raises(SystemExit):
+        _run("-i", tmp_path / "in", "-o", out, "--num-parts", "many")
+
+
+def test_lesions_csv_rows_are_the_json_lesion_tables(tmp_path):
+    from lesioncount.report import lesion_fields
+
+    maps = _maps(3, seed=28)
+    _write_folder(tmp_path / "in", maps)
+    out = tmp_path / "out"
+    assert _run("-i", tmp_path / "in", "-o", out) == 0
+    rows = _csv(out / "lesions.csv")
+    assert list(rows[0]) == lesion_fields()
+    expected = [(f"case_{b:02d}", lesion) for b in range(3) for lesion in _load(out, f"case_{b:02d}")["lesions"]]
+    assert len(rows) == len(expected) > 3
+    for row, (case, lesion) in zip(rows, expected):
+        assert row["case"] == case and int(row["lesion_id"]) == lesion["id"]
+        assert float(row["probability"]) == lesion["probability"] and int(row["size_voxels"]) == lesion["size_voxels"]
+        assert float(row["volume_mm3"]) == pytest.approx(lesion["size_voxels"] * 0.8 * 1.2 * 3.0)
+        assert [int(row[f"argmax_{a}"]) for a in "ijk"] == lesion["argmax_index"]
+        assert [float(row[f"argmax_{a}_mm"]) for a in "xyz"] == lesion["argmax_world_mm"]
+        assert [float(row[f"centroid_{a}_mm"]) for a in "xyz"] == lesion["centroid_world_mm"]
+    # kept cases keep their rows
+    (out / "case_01.json").unlink()
+    assert _run("-i", tmp_path / "in", "-o", out, "--skip-existing") == 0
+    assert _csv(out / "lesions.csv") == rows

@@ -549,8 +549,9 @@ def release_locks(locks: list[FolderLock]) -> None:
 # ----------------------------------------------------------------------------- SIGINT / SIGTERM
 
 
-class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived (raised in the main thread by :class:`SignalGuard`)."""
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived (raised in the main thread by :class:`SignalGuard`; a BaseException like
+    KeyboardInterrupt, so that no `except Exception` takes it for a failed case)."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
