@@ -110,3 +110,37 @@ def test_2d_batch_with_2d_connectivity_still_fine_and_single_image_hint():
     assert lesioncount.cc_count(torch.zeros(3, 8, 8), connectivity=8).tolist() == [0, 0, 0]
     with pytest.raises(ValueError, match=r"single image \(H, W\) needs its batch dimension"):
         lesioncount.count_distribution(torch.zeros(8, 8), connectivity=8)
+
+
+# ---------------------------------------------------------------------------------------------------
+# lesioncount --version
+
+
+def test_version_names_package_torch_and_compiled_ops(capsys):
+    import importlib.metadata
+
+    import torch
+
+    import lesioncount
+    from lesioncount.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"lesioncount {importlib.metadata.version('lesioncount')} (torch {torch.__version__},")
+    assert lines[1].startswith("compiled ops: loaded (" if lesioncount.has_ops() else "compiled ops: not loaded")
+    assert lines[2].startswith("CUDA kernels: ")
+    if torch.version.cuda is None:
+        assert lines[2] == "CUDA kernels: no (this torch is a CPU-only build)"
+
+
+def test_version_without_compiled_ops_says_why():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, LESIONCOUNT_DISABLE_OPS="1")
+    out = subprocess.run([sys.executable, "-m", "lesioncount", "--version"], capture_output=True, text=True,
+                         env=env, timeout=120, check=True).stdout
+    assert "compiled ops: not loaded, the pure torch/SciPy fallback runs (disabled by LESIONCOUNT_DISABLE_OPS)" in out

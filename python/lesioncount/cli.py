@@ -156,8 +156,61 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def version_text() -> str:
+    """``lesioncount --version``: the package version (installed metadata), torch's version, and
+    whether the compiled ops and their CUDA kernels are loaded (with the reason when they are not).
+
+    Example:
+        >>> print(version_text())   # doctest: +SKIP
+        lesioncount 0.1.0 (torch 2.13.0+cpu, Python 3.11.7)
+        compiled ops: loaded (.../lesioncount/_C.so)
+        CUDA kernels: no (this torch is a CPU-only build)
+    """
+    import importlib.metadata
+    import platform
+
+    from . import _ops
+
+    try:
+        version = importlib.metadata.version("lesioncount")
+    except importlib.metadata.PackageNotFoundError:
+        from . import __version__ as version
+
+        version = f"{version} (not installed: no package metadata)"
+    lines = [f"lesioncount {version} (torch {torch.__version__}, Python {platform.python_version()})"]
+    if _ops.has_ops():
+        import importlib.util
+
+        spec = importlib.util.find_spec("lesioncount._C")
+        lines.append(f"compiled ops: loaded ({spec.origin if spec else '?'})")
+    else:
+        lines.append(f"compiled ops: not loaded, the pure torch/SciPy fallback runs ({_ops._LOAD_ERROR})")
+    if torch.version.cuda is None:
+        cuda = "no (this torch is a CPU-only build)"
+    elif not _ops.has_kernel("label", torch.device("cuda")):
+        cuda = (f"no (torch has CUDA {torch.version.cuda}, but the library was built without the CUDA kernels: "
+                f"rebuild with LESIONCOUNT_CUDA=ON where nvcc is installed)") if _ops.has_ops() else "no"
+    else:
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        cuda = f"loaded (CUDA {torch.version.cuda}; {gpus} GPU{'s' if gpus != 1 else ''} visible)"
+    lines.append(f"CUDA kernels: {cuda}")
+    return "\n".join(lines)
+
+
+class _VersionAction(argparse.Action):
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lesioncount", description="Probabilistic lesion counting.")
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print the versions of lesioncount and torch, and whether the compiled ops and "
+                             "CUDA kernels are loaded")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="count lesions on an embedded synthetic batch (no input needed)")
     demo.add_argument("--threshold", type=float, default=0.1)
