@@ -144,3 +144,55 @@ def test_version_without_compiled_ops_says_why():
     out = subprocess.run([sys.executable, "-m", "lesioncount", "--version"], capture_output=True, text=True,
                          env=env, timeout=120, check=True).stdout
     assert "compiled ops: not loaded, the pure torch/SciPy fallback runs (disabled by LESIONCOUNT_DISABLE_OPS)" in out
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4-D NIfTI with several volumes: no volume is picked silently
+
+
+def _four_d(tmp_path, volumes: int):
+    nib = pytest.importorskip("nibabel")
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    data = (rng.random((10, 10, 6, volumes)) ** 6).astype(np.float32)
+    folder = tmp_path / "in"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"stack{volumes}.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+    return path, data
+
+
+def test_read_probability_map_of_a_multi_volume_nifti_needs_a_channel(tmp_path):
+    import numpy as np
+
+    from lesioncount.io import CaseReadError, read_probability_map
+
+    path, data = _four_d(tmp_path, 3)
+    with pytest.raises(CaseReadError, match=r"stack3\.nii\.gz: 4-D image of shape \(10, 10, 6, 3\) holds 3 volumes; "
+                                            r"which one is the lesion probability map is not guessed: choose it "
+                                            r"with channel=N \(CLI: --channel N\)"):
+        read_probability_map(path)
+    np.testing.assert_array_equal(read_probability_map(path, channel=2).data, data[..., 2])
+    single, data1 = _four_d(tmp_path, 1)
+    np.testing.assert_array_equal(read_probability_map(single).data, data1[..., 0])  # a singleton 4th axis is fine
+
+
+@pytest.mark.parametrize("command", ["count", "plot"])
+def test_cli_multi_volume_nifti_fails_without_channel_and_works_with_it(tmp_path, capsys, command):
+    from lesioncount.cli import main
+
+    path, _ = _four_d(tmp_path, 2)
+    if command == "count":
+        def run(*extra):
+            return main(["count", "-i", str(path), "-o", str(tmp_path / f"out{len(extra)}"), "--workers", "1", *extra])
+    else:
+        pytest.importorskip("matplotlib")
+
+        def run(*extra):
+            return main(["plot", "-i", str(path), "-o", str(tmp_path / f"p{len(extra)}.png"), *extra])
+    assert run() != 0
+    captured = capsys.readouterr()
+    assert "holds 2 volumes" in captured.out + captured.err + (
+        (tmp_path / "out0" / "errors.csv").read_text() if command == "count" else "")
+    assert run("--channel", "1") == 0

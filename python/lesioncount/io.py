@@ -3,7 +3,8 @@
 Supported inputs (one 3-D case per file):
 
 - NIfTI ``CASE.nii`` / ``CASE.nii.gz`` (nibabel): a 3-D map, a 4-D map with a singleton 4th
-  dimension, or a multi-channel 4-D map ``(x, y, z, C)`` from which ``channel`` is taken. The
+  dimension, or a multi-channel 4-D map ``(x, y, z, C)`` from which ``channel`` is taken (it must be
+  given: which volume holds the lesion probabilities is not guessed). The
   affine is the image's best affine (sform, else qform), as ``nibabel.load(path).affine`` gives it.
 - nnU-Net v2 ``--save_probabilities`` output ``CASE.npz`` with the key ``probabilities`` of shape
   ``(C, z, y, x)`` (SimpleITK axis order, softmax over C classes). The lesion channel ``channel``
@@ -358,14 +359,20 @@ def _as_float(data: np.ndarray) -> np.ndarray:
     raise TypeError(f"unsupported data type {data.dtype}")
 
 
-def _select_nifti_channel(path: pathlib.Path, data: np.ndarray, channel: int | None) -> np.ndarray:
-    """(x, y, z), (x, y, z, 1) or (x, y, z, C) -> (x, y, z). Extra trailing singleton dims are dropped."""
+def _select_nifti_channel(path: pathlib.Path, data: np.ndarray, channel: int | None,
+                          choose: str | None = None) -> np.ndarray:
+    """(x, y, z), (x, y, z, 1) or (x, y, z, C) -> (x, y, z). Extra trailing singleton dims are dropped.
+    ``channel`` None with C > 1: an error, which says how to choose a volume when ``choose`` is given."""
     while data.ndim > 4 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim == 4:
         if channel is None:
+            if choose:
+                raise CaseReadError(
+                    path, f"4-D image of shape {data.shape} holds {data.shape[3]} volumes; which one is the lesion "
+                          f"probability map is not guessed: choose it with {choose} (0-based)")
             raise CaseReadError(path, f"expected a 3-D image, got 4-D shape {data.shape} with {data.shape[3]} channels")
         if not 0 <= channel < data.shape[3]:
             raise CaseReadError(
@@ -447,14 +454,16 @@ def _read_npy(path: pathlib.Path) -> np.ndarray:
         raise CaseReadError(path, f"cannot read .npy file ({type(exc).__name__}: {exc})") from exc
 
 
-def read_probability_map(path: PathLike, channel: int = 1, *, missing_geometry: str = "error") -> Volume:
+def read_probability_map(path: PathLike, channel: int | None = None, *, missing_geometry: str = "error") -> Volume:
     """Read one probability (or logit) map with its geometry.
 
     Args:
         path: ``.nii`` / ``.nii.gz`` / ``.npz`` (nnU-Net) / ``.npy`` file.
         channel: lesion channel of multi-channel inputs: index C of an nnU-Net ``(C, z, y, x)``
             array, or of the 4th axis of an ``(x, y, z, C)`` NIfTI. Ignored for 3-D inputs and
-            4-D NIfTI with a singleton 4th dimension.
+            4-D NIfTI with a singleton 4th dimension. ``None`` (default): 1 for an nnU-Net ``.npz``
+            (background + lesion); a 4-D NIfTI with several volumes then raises
+            :class:`CaseReadError` (no volume is picked silently).
         missing_geometry: ``"error"`` (default): an ``.npz`` without its sibling ``CASE.nii.gz``
             raises :class:`CaseReadError`; ``"identity"``: use the identity affine and warn.
 
@@ -477,7 +486,7 @@ def read_probability_map(path: PathLike, channel: int = 1, *, missing_geometry: 
     _require_file(path)
     suffix = _suffix(path)
     if suffix == ".npz":
-        data = _read_npz_channel(path, int(channel))
+        data = _read_npz_channel(path, 1 if channel is None else int(channel))
         affine = _geometry_for_npz(path, data.shape, missing_geometry)
     elif suffix == ".npy":
         data = _read_npy(path)
@@ -486,7 +495,8 @@ def read_probability_map(path: PathLike, channel: int = 1, *, missing_geometry: 
         affine = np.eye(4)
     else:
         data, affine = _load_nifti(path, view_ok=True)
-        data = _select_nifti_channel(path, data, int(channel))
+        data = _select_nifti_channel(path, data, None if channel is None else int(channel),
+                                     choose="channel=N (CLI: --channel N)")
     try:
         # C order, so that label ids follow SciPy raster order on the (X, Y, Z) grid and the copy
         # happens here, in the worker threads of `lesioncount count --workers`.

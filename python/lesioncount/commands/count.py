@@ -117,8 +117,9 @@ def register(subparsers) -> None:
                       help="drop candidates smaller than this many mm^3 (ceil(V / voxel volume) voxels per case)")
     p.add_argument("--max-count", type=int, default=4, help="M: bins 0..M-1 and 'M or more' (default 4)")
     p.add_argument("--from-logits", action="store_true", help="the maps hold logits, not probabilities")
-    p.add_argument("--channel", type=int, default=1,
-                   help="lesion channel of multi-channel inputs (nnU-Net .npz, 4-D NIfTI) (default 1)")
+    p.add_argument("--channel", type=int, default=None,
+                   help="lesion channel of multi-channel inputs, 0-based (default: 1 for nnU-Net .npz; a 4-D "
+                        "NIfTI with several volumes needs it)")
     p.add_argument("--mask", type=pathlib.Path, default=None,
                    help="region of interest: one mask file for all cases, or a folder of per-case masks CASE.nii.gz")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to count (default cpu)")
@@ -219,6 +220,10 @@ def _validate(args) -> None:
         raise _UsageError(f"--min-volume must be a finite number >= 0 (mm^3), got {args.min_volume}")
     if args.max_count < 1:
         raise _UsageError(f"--max-count must be >= 1, got {args.max_count}")
+    # None: not given; .npz files use channel 1, a multi-volume NIfTI is an error (io.read_probability_map)
+    args.channel_given = args.channel
+    if args.channel is None:
+        args.channel = 1
     if args.channel < 0:
         raise _UsageError(f"--channel must be >= 0, got {args.channel}")
     if args.workers is None:
@@ -276,7 +281,7 @@ def _read_case(path, args, shared_mask):
     from ..io import _nnunet_sibling, read_mask, read_probability_map
 
     t0, c0 = time.perf_counter(), time.thread_time()
-    volume = read_probability_map(path, channel=args.channel,
+    volume = read_probability_map(path, channel=getattr(args, "channel_given", args.channel),
                                   missing_geometry="identity" if args.allow_missing_geometry else "error")
     notes = []
     if path.name.lower().endswith(".npz") and _nnunet_sibling(path) is None:

@@ -149,8 +149,9 @@ def register(subparsers) -> None:
                       help="drop candidates and GT lesions smaller than this many mm^3 (per-case voxel size)")
     p.add_argument("--max-count", type=_positive_int, default=4, help="M: count bins 0..M-1 and 'M or more'")
     p.add_argument("--from-logits", action="store_true", help="the maps hold logits (thresholds stay probabilities)")
-    p.add_argument("--channel", type=_nonneg_int, default=1,
-                   help="lesion channel of multi-channel maps (nnU-Net .npz, 4-D NIfTI)")
+    p.add_argument("--channel", type=_nonneg_int, default=None,
+                   help="lesion channel of multi-channel maps, 0-based (default: 1 for nnU-Net .npz; a 4-D NIfTI "
+                        "with several volumes needs it)")
     p.add_argument("--n-bins", type=_positive_int, default=10, help="confidence bins of ECE/MCE and the reliability diagram")
     p.add_argument("--discard-fractions", type=_fractions, default=DEFAULT_DISCARD_FRACTIONS,
                    help="comma-separated fractions in [0, 1) of most uncertain cases to discard")

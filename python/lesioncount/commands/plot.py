@@ -43,7 +43,9 @@ def register(subparsers) -> None:
     size.add_argument("--min-volume", type=_nonneg_float, default=None, help="drop candidates below this many mm^3")
     p.add_argument("--max-count", type=_positive_int, default=4, help="M: count bins 0..M-1 and 'M or more'")
     p.add_argument("--from-logits", action="store_true", help="the map holds logits")
-    p.add_argument("--channel", type=_nonneg_int, default=1, help="lesion channel of multi-channel maps")
+    p.add_argument("--channel", type=_nonneg_int, default=None,
+                   help="lesion channel of multi-channel maps, 0-based (default: 1 for nnU-Net .npz; a 4-D NIfTI "
+                        "with several volumes needs it)")
     p.add_argument("--allow-missing-geometry", action="store_true",
                    help="nnU-Net .npz without its sibling CASE.nii.gz: identity affine (1 mm voxels) "
                         "instead of failing")
