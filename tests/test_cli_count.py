@@ -562,14 +562,13 @@ def _hidden_leftovers(folder):
 def test_outputs_are_replaced_atomically_through_unique_fsynced_temporary_files(tmp_path, monkeypatch):
     import re
 
-    from lesioncount import io as lio
     from lesioncount.commands import count as count_command
 
     replaced, synced = [], []
     real_replace, real_fsync = os.replace, os.fsync
-    monkeypatch.setattr(lio.os, "replace", lambda a, b: (replaced.append((pathlib.Path(a), pathlib.Path(b))),
-                                                         real_replace(a, b))[1])
-    monkeypatch.setattr(lio.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (replaced.append((pathlib.Path(a), pathlib.Path(b))),
+                                                     real_replace(a, b))[1])
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
     target = tmp_path / "c.json"
     count_command._write_json(target, '{"a": 1}')
     count_command._write_json(target, '{"a": 2}')
@@ -603,8 +602,11 @@ def test_a_failed_label_map_write_leaves_no_partial_file_and_skip_existing_rewri
     def dying(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
-            fileobj = (args[0] if args else kwargs["file_map"])["image"].fileobj
-            fileobj.write(b"\0" * 100)
+            holder = (args[0] if args else kwargs.get("file_map", self.file_map))["image"]
+            if holder.fileobj is not None:
+                holder.fileobj.write(b"\0" * 100)
+            else:
+                pathlib.Path(holder.filename).write_bytes(b"\0" * 100)
             raise OSError(28, "No space left on device")
         return real(self, *args, **kwargs)
 
