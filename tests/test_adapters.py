@@ -90,7 +90,7 @@ def test_target_counts_min_size_mask_and_counts():
         target_counts(torch.zeros(1, 1, 4, 4, 4), min_size=0, **kw)
 
 
-def test_count_term_sums_finite_nlls_over_the_batch():
+def test_count_term_averages_the_feasible_items():
     x = torch.full((3, 4, 8, 8), -9.0, dtype=torch.float64)
     x[:, 1, 2, 2] = 2.0
     x.requires_grad_(True)
@@ -98,7 +98,7 @@ def test_count_term_sums_finite_nlls_over_the_batch():
     p = torch.sigmoid(torch.tensor(2.0, dtype=torch.float64))
     assert math.isinf(term.nll[1])
     torch.testing.assert_close(term.nll[[0, 2]], torch.stack([-p.log(), -(1 - p).log()]))
-    torch.testing.assert_close(term.loss, (term.nll[0] + term.nll[2]) / 3)
+    torch.testing.assert_close(term.loss, (term.nll[0] + term.nll[2]) / 2)  # infeasible item left out of the mean
     term.loss.backward()
     assert int((x.grad != 0).sum()) == 2 and x.grad[1].abs().sum() == 0  # infeasible item: no gradient
 

@@ -12,17 +12,19 @@ Example:
 """
 from ._ops import has_ops
 from .counting import CountResult, cc_count, count_distribution
-from .losses import CountLoss, count_nll, count_weight_schedule
+from .losses import CountLoss, CountNLL, count_nll, count_nll_terms, count_weight_schedule
 from .ops import label, poisson_binomial, region_max
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CountLoss",
+    "CountNLL",
     "CountResult",
     "cc_count",
     "count_distribution",
     "count_nll",
+    "count_nll_terms",
     "count_weight_schedule",
     "has_ops",
     "label",

@@ -17,7 +17,8 @@ from typing import NamedTuple, Sequence
 import torch
 
 from .counting import CountResult, cc_count, count_distribution
-from ._validation import check_connectivity, check_nonneg_int, check_threshold
+from ._validation import check_connectivity, check_count_options, check_nonneg_int, check_threshold  # noqa: F401
+from .losses import _reduce, count_nll_terms
 
 __all__ = [
     "ACTIVATIONS",
@@ -192,9 +193,9 @@ class CountTerm(NamedTuple):
     """Result of :func:`count_term`.
 
     Attributes:
-        loss: scalar, sum of the finite per-item NLLs / B (differentiable).
-        nll: (B,) detached -log P(C = count); +inf where the count is infeasible (more true lesions
-            than candidates: P = 0 exactly, no gradient can make a missing candidate more probable).
+        loss: scalar, mean NLL over the feasible items (0 when none is; differentiable).
+        nll: (B,) detached -log P(C = count); +inf where the count is infeasible (P = 0 exactly,
+            e.g. more true lesions than candidates: see :func:`lesioncount.count_nll_terms`).
         counts: (B,) int64 ground-truth counts.
         result: the :class:`~lesioncount.CountResult` (pmf etc., attached to the graph).
     """
@@ -210,9 +211,9 @@ def count_term(x: torch.Tensor, from_logits: bool, counts: torch.Tensor, *, thre
                mask: torch.Tensor | None = None) -> CountTerm:
     """The paper's count term on one lesion map per item, outside any autocast region.
 
-    Items whose true count exceeds their number of candidates have NLL +inf and no gradient; the
-    loss sums the finite NLLs and divides by B (the gradient of the batch mean without the
-    infinite values), as ``lesioncount train`` does.
+    The infeasible-target rule of :func:`lesioncount.count_nll_terms` (one rule for every count
+    loss): items whose true count has probability 0 (e.g. more true lesions than candidates) have
+    NLL +inf, no gradient, and are left out of the mean.
 
     Shapes: ``x`` (B, [D,] H, W) logits (``from_logits``) or probabilities; ``counts`` (B,).
 
@@ -229,26 +230,9 @@ def count_term(x: torch.Tensor, from_logits: bool, counts: torch.Tensor, *, thre
         counts = counts.to(device=result.log_pmf.device, dtype=torch.int64)
         if counts.shape != (x.shape[0],):
             raise ValueError(f"`counts` must be (B,) with B = {x.shape[0]}, got {tuple(counts.shape)}")
-        nll = -result.log_pmf.gather(1, counts.clamp_max(max_count).view(-1, 1)).squeeze(1)
-        finite = torch.isfinite(nll)
-        loss = torch.where(finite, nll, torch.zeros((), dtype=nll.dtype, device=nll.device)).sum() / max(nll.shape[0], 1)
-    return CountTerm(loss, nll.detach(), counts, result)
-
-
-def check_count_options(threshold, connectivity, min_size, max_count, max_lesions, spatial_rank=None):
-    """Validates the shared count options; returns them normalised (connectivity may stay None)."""
-    threshold = check_threshold(threshold, probability=True)
-    check_nonneg_int(min_size, "min_size")
-    if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
-        raise ValueError(f"`max_count` must be an int >= 1 (bins 0..M-1 and 'M or more'), got {max_count!r}")
-    check_nonneg_int(max_lesions, "max_lesions", allow_none=True)
-    if connectivity is not None:
-        if isinstance(connectivity, bool) or not isinstance(connectivity, int) or connectivity not in (4, 8, 6, 18, 26):
-            raise ValueError(f"`connectivity` must be None (auto: 18 in 3D, 8 in 2D) or one of 4, 8 (2D), "
-                             f"6, 18, 26 (3D), got {connectivity!r}")
-        if spatial_rank is not None:
-            check_connectivity(connectivity, spatial_rank)
-    return threshold, connectivity, min_size, max_count, max_lesions
+        terms = count_nll_terms(result.log_pmf, counts)
+        loss = _reduce(terms, "mean", True)
+    return CountTerm(loss, terms.nll.detach(), counts, result)
 
 
 def resolve_connectivity(connectivity, spatial_rank: int) -> int:

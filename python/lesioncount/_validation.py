@@ -132,13 +132,27 @@ def check_threshold(threshold, *, probability: bool) -> float:
     return threshold
 
 
-def check_nonneg_int(value, name: str, allow_none: bool = False):
+# Largest count bin / candidate column index a caller may ask for: the kernels index bins and
+# columns with 32-bit ints, and (B, M+1) outputs are allocated (2**31 bins are 16 GiB per item).
+MAX_SIZE_ARGUMENT = 2**31 - 2
+
+
+def check_nonneg_int(value, name: str, allow_none: bool = False, maximum: int | None = None):
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"`{name}` must be an int{' or None' if allow_none else ''}, got {value!r}")
     if value < 0:
         raise ValueError(f"`{name}` must be >= 0, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"`{name}` must be <= {maximum}, got {value}")
+    return value
+
+
+def check_bool(value, name: str) -> bool:
+    """Rejects truthy stand-ins (``"no"`` is truthy): flags must be real bools."""
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a bool (True or False), got {value!r}")
     return value
 
 
@@ -191,3 +205,20 @@ def check_same_device(*named_tensors) -> None:
     if len(set(devices.values())) > 1:
         desc = ", ".join(f"`{n}` on {d}" for n, d in devices.items())
         raise ValueError(f"all tensors must be on the same device, got {desc}")
+
+
+def check_count_options(threshold, connectivity, min_size, max_count, max_lesions, spatial_rank=None):
+    """Validates the shared count options; returns them normalised (connectivity may stay None)."""
+    threshold = check_threshold(threshold, probability=True)
+    check_nonneg_int(min_size, "min_size")
+    if isinstance(max_count, bool) or not isinstance(max_count, int) or not 1 <= max_count <= MAX_SIZE_ARGUMENT:
+        raise ValueError(f"`max_count` must be an int in [1, {MAX_SIZE_ARGUMENT}] (bins 0..M-1 and 'M or more'), "
+                         f"got {max_count!r}")
+    check_nonneg_int(max_lesions, "max_lesions", allow_none=True, maximum=MAX_SIZE_ARGUMENT)
+    if connectivity is not None:
+        if isinstance(connectivity, bool) or not isinstance(connectivity, int) or connectivity not in (4, 8, 6, 18, 26):
+            raise ValueError(f"`connectivity` must be None (auto: 18 in 3D, 8 in 2D) or one of 4, 8 (2D), "
+                             f"6, 18, 26 (3D), got {connectivity!r}")
+        if spatial_rank is not None:
+            check_connectivity(connectivity, spatial_rank)
+    return threshold, connectivity, min_size, max_count, max_lesions

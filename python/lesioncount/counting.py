@@ -8,7 +8,9 @@ import torch
 
 from . import _ops
 from ._validation import (
+    MAX_SIZE_ARGUMENT,
     canonical_spatial,
+    check_bool,
     check_connectivity,
     check_nonneg_int,
     check_same_device,
@@ -128,8 +130,9 @@ def count_distribution(
         tensor([[0.1039, 0.4892, 0.4068, 0.0000, 0.0000]])
     """
     check_nonneg_int(min_size, "min_size")
-    check_nonneg_int(max_count, "max_count", allow_none=True)
-    check_nonneg_int(max_lesions, "max_lesions", allow_none=True)
+    check_nonneg_int(max_count, "max_count", allow_none=True, maximum=MAX_SIZE_ARGUMENT)
+    check_nonneg_int(max_lesions, "max_lesions", allow_none=True, maximum=MAX_SIZE_ARGUMENT)
+    check_bool(from_logits, "from_logits")
     x, label_threshold = _prepare(input, threshold, connectivity, from_logits, mask)
     batch = x.shape[0]
     if _ops.has_kernel("label", x.device):
@@ -224,6 +227,7 @@ def cc_count(input: torch.Tensor, threshold: float = 0.5, connectivity: int = 18
     """
     x = canonical_spatial(input)
     threshold = check_threshold(threshold, probability=True)
+    check_bool(from_logits, "from_logits")
     if x.is_floating_point():
         check_values(x, probabilities=not from_logits)
     t = _logit(threshold) if from_logits else threshold

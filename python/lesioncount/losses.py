@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
+from ._validation import check_bool, check_count_options
 from .counting import count_distribution
 
-__all__ = ["CountLoss", "count_nll", "count_weight_schedule"]
+__all__ = ["CountLoss", "CountNLL", "count_nll", "count_nll_terms", "count_weight_schedule"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -45,8 +47,110 @@ def count_weight_schedule(epoch: int, w1: float = 1e-3, w2: float = 0.06, pretra
     return float(weight)
 
 
-def count_nll(log_pmf: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+_MAX_COUNT_LIMIT = 2**31 - 2  # M + 1 bins must fit the kernels' int32 bin index (and memory)
+
+
+def _check_target(target, log_pmf: torch.Tensor) -> torch.Tensor:
+    """(B,) int64 counts on ``log_pmf``'s device; every message names ``target``.
+
+    The value checks read the data, so they run where that costs no device sync: on a CPU target
+    (the usual case, counts come from the data loader). A target already on the GPU gets a
+    device-side assertion for negative counts instead.
+    """
+    if not isinstance(target, torch.Tensor):
+        target = torch.as_tensor(target)
+    if target.dtype == torch.bool or target.is_complex():
+        raise TypeError(f"`target` counts must be integers, got {target.dtype}")
+    compiling = torch.compiler.is_compiling()
+    if not compiling and target.numel() and target.device.type == "cpu":
+        values = target.detach().double()
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError(f"`target` counts must be finite numbers, got {target.reshape(-1).tolist()[:8]}")
+        if bool((values != values.round()).any()):
+            raise ValueError("`target` counts must be whole numbers")
+        if bool((values < 0).any()):
+            raise ValueError(f"`target` counts must be >= 0, got {target.reshape(-1).tolist()[:8]}")
+        if bool((values >= 2.0**62).any()):
+            raise ValueError(f"`target` counts must be below 2**62, got {values.max().item():.3g}")
+    if target.is_floating_point():
+        target = target.round()
+    target = target.reshape(-1).to(device=log_pmf.device, dtype=torch.int64, non_blocking=True)
+    if target.shape[0] != log_pmf.shape[0]:
+        raise ValueError(f"`target` must hold one count per batch item ({log_pmf.shape[0]}), got {target.shape[0]}")
+    if target.device.type != "cpu" and target.numel() and not compiling:
+        torch._assert_async((target >= 0).all(), "`target` counts must be >= 0")
+    return target
+
+
+class CountNLL(NamedTuple):
+    """Per-item count NLL with the infeasible-target rule (:func:`count_nll_terms`).
+
+    Attributes:
+        nll: (B,) -log P(C = target); +inf where infeasible (no gradient flows from those items).
+        infeasible: (B,) bool, True where P(C = target) is exactly 0 under the count distribution.
+    """
+
+    nll: torch.Tensor
+    infeasible: torch.Tensor
+
+
+def count_nll_terms(log_pmf: torch.Tensor, target) -> CountNLL:
+    """-log P(C = target) per item and which items are infeasible: THE rule every count loss uses.
+
+    An item is *infeasible* when its count distribution gives the true count probability exactly
+    0: more true lesions than candidates (what a young network produces on its first batches), or
+    fewer than the candidates that are certain (probability exactly 1, e.g. a float32 sigmoid
+    saturated above a logit of ~16.7; with ``from_logits=True`` the log-space distribution keeps
+    such probabilities below 1). Its NLL is +inf and no gradient can lower it (no candidate exists
+    whose probability could be raised: the segmentation loss has to create it), so it is kept out of
+    the gradient: the returned ``nll`` is +inf there with a zero gradient, never NaN.
+
+    Args:
+        log_pmf: (B, M+1) log-pmf (e.g. :attr:`CountResult.log_pmf`); bin M is "M or more".
+        target: (B,) true counts (ints, or whole floats); counts >= M are scored on the tail bin.
+
+    Returns:
+        :class:`CountNLL` ``(nll, infeasible)``, both (B,).
+
+    Example:
+        >>> log_pmf = torch.log(torch.tensor([[0.3, 0.7, 0.0], [0.2, 0.5, 0.3]]))   # M = 2
+        >>> lesioncount.count_nll_terms(log_pmf, torch.tensor([2, 2]))
+        CountNLL(nll=tensor([   inf, 1.2040]), infeasible=tensor([ True, False]))
+    """
+    if not isinstance(log_pmf, torch.Tensor) or log_pmf.dim() != 2 or log_pmf.shape[1] < 1:
+        raise ValueError(f"`log_pmf` must be a (B, M+1) tensor, got "
+                         f"{tuple(log_pmf.shape) if isinstance(log_pmf, torch.Tensor) else type(log_pmf).__name__}")
+    target = _check_target(target, log_pmf)
+    max_count = log_pmf.shape[1] - 1
+    picked = log_pmf.gather(1, target.clamp_max(max_count).unsqueeze(1)).squeeze(1)
+    infeasible = picked == -math.inf
+    # torch.where sends no gradient into the branch it does not take: the -inf entries' gradient
+    # stays 0 instead of the backward kernels' convention leaking into an inf * 0 = NaN.
+    nll = torch.where(infeasible, torch.full((), math.inf, dtype=picked.dtype, device=picked.device), -picked)
+    return CountNLL(nll, infeasible)
+
+
+def _reduce(terms: CountNLL, reduction: str, ignore_infeasible: bool) -> torch.Tensor:
+    nll = terms.nll
+    if not ignore_infeasible or reduction == "none":
+        if reduction == "mean":
+            return nll.mean()
+        return nll.sum() if reduction == "sum" else nll
+    kept = torch.where(terms.infeasible, torch.zeros((), dtype=nll.dtype, device=nll.device), nll)
+    total = kept.sum()
+    if reduction == "sum":
+        return total
+    # mean over the feasible items, without a host sync (0 when none is feasible)
+    return total / (~terms.infeasible).sum().clamp_min(1).to(nll.dtype)
+
+
+def count_nll(log_pmf: torch.Tensor, target, reduction: str = "mean", ignore_infeasible: bool = True) -> torch.Tensor:
     """-log P(C = target) from a (B, M+1) log-pmf; targets >= M fall in the tail bin M.
+
+    Infeasible items (P(C = target) = 0 exactly, see :func:`count_nll_terms`) are left out of the
+    ``"mean"`` (the mean runs over the feasible items; 0 when there is none) and the ``"sum"``, and
+    carry no gradient; ``reduction="none"`` returns +inf for them (with a zero gradient).
+    ``ignore_infeasible=False`` keeps the strict NLL: the mean or sum is then +inf.
 
     Example:
         >>> log_pmf = torch.log(torch.tensor([[0.1, 0.5, 0.4]]))
@@ -55,24 +159,9 @@ def count_nll(log_pmf: torch.Tensor, target: torch.Tensor, reduction: str = "mea
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"`reduction` must be one of {_REDUCTIONS}, got {reduction!r}")
-    if not isinstance(target, torch.Tensor):
-        target = torch.as_tensor(target, device=log_pmf.device)
-    if target.dtype.is_floating_point:
-        if not torch.compiler.is_compiling() and bool((target != target.round()).any()):
-            raise ValueError("`target` counts must be whole numbers")
-        target = target.round().long()
-    target = target.reshape(-1).to(device=log_pmf.device, dtype=torch.int64)
-    if target.shape[0] != log_pmf.shape[0]:
-        raise ValueError(f"`target` must hold one count per batch item ({log_pmf.shape[0]}), got {target.shape[0]}")
-    if not torch.compiler.is_compiling() and target.numel() and bool((target < 0).any()):
-        raise ValueError("`target` counts must be >= 0")
-    max_count = log_pmf.shape[1] - 1
-    loss = -log_pmf.gather(1, target.clamp_max(max_count).unsqueeze(1)).squeeze(1)
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    return loss
+    if not isinstance(ignore_infeasible, bool):
+        raise TypeError(f"`ignore_infeasible` must be a bool, got {ignore_infeasible!r}")
+    return _reduce(count_nll_terms(log_pmf, target), reduction, ignore_infeasible)
 
 
 class CountLoss(torch.nn.Module):
@@ -86,31 +175,42 @@ class CountLoss(torch.nn.Module):
         from_logits: the network output holds logits (recommended: exact in log space).
         reduction: "mean" | "sum" | "none".
         threshold, connectivity, min_size, max_lesions: as in :func:`count_distribution`.
+        ignore_infeasible: items whose true count has probability exactly 0 (more true lesions than
+            candidates, as on a young network's first batches; see :func:`count_nll_terms`) are left
+            out of "mean"/"sum" and carry no gradient, so the loss stays finite (default). False:
+            the strict NLL, +inf for such a batch.
+
+    All arguments are checked here, in the constructor. After each call, ``last_infeasible`` holds
+    the (B,) bool mask of the infeasible items (a device tensor: reading it for logging, e.g.
+    ``loss_fn.last_infeasible.sum()``, costs no sync until you print it).
 
     Shapes: ``input`` (B, [1,] D, H, W) or (B, H, W); ``target`` (B,) integer counts. Output: scalar,
-    or (B,) with reduction="none".
+    or (B,) with reduction="none" (+inf for infeasible items).
 
     Example:
         >>> loss_fn = lesioncount.CountLoss(max_count=4, from_logits=True)
-        >>> logits = torch.randn(2, 1, 16, 32, 32, requires_grad=True)
-        >>> loss = loss_fn(logits, torch.tensor([1, 3])); loss.backward()
+        >>> logits = torch.full((2, 1, 16, 32, 32), -5.0); logits[:, 0, 8, 16, 16] = 1.0
+        >>> logits.requires_grad_(True)
+        >>> loss = loss_fn(logits, torch.tensor([1, 3]))   # item 1: 3 lesions, 1 candidate: infeasible
+        >>> loss, loss_fn.last_infeasible
+        (tensor(0.3133, grad_fn=<DivBackward0>), tensor([False,  True]))
+        >>> loss.backward()
     """
 
     def __init__(self, max_count: int = 4, from_logits: bool = False, reduction: str = "mean",
                  threshold: float = 0.1, connectivity: int = 18, min_size: int = 0,
-                 max_lesions: int | None = None):
+                 max_lesions: int | None = None, ignore_infeasible: bool = True):
         super().__init__()
         if reduction not in _REDUCTIONS:
             raise ValueError(f"`reduction` must be one of {_REDUCTIONS}, got {reduction!r}")
-        if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 0:
-            raise ValueError(f"`max_count` must be an int >= 0, got {max_count!r}")
-        self.max_count = max_count
-        self.from_logits = from_logits
+        if connectivity is None:
+            raise ValueError("`connectivity` must be one of 4, 8 (2D), 6, 18, 26 (3D), got None")
+        self.threshold, self.connectivity, self.min_size, self.max_count, self.max_lesions = check_count_options(
+            threshold, connectivity, min_size, max_count, max_lesions)
+        self.from_logits = check_bool(from_logits, "from_logits")
+        self.ignore_infeasible = check_bool(ignore_infeasible, "ignore_infeasible")
         self.reduction = reduction
-        self.threshold = threshold
-        self.connectivity = connectivity
-        self.min_size = min_size
-        self.max_lesions = max_lesions
+        self.last_infeasible: torch.Tensor | None = None
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         result = count_distribution(
@@ -122,8 +222,11 @@ class CountLoss(torch.nn.Module):
             from_logits=self.from_logits,
             max_lesions=self.max_lesions,
         )
-        return count_nll(result.log_pmf, target, self.reduction)
+        terms = count_nll_terms(result.log_pmf, target)
+        self.last_infeasible = terms.infeasible.detach()
+        return _reduce(terms, self.reduction, self.ignore_infeasible)
 
     def extra_repr(self) -> str:
         return (f"max_count={self.max_count}, from_logits={self.from_logits}, reduction={self.reduction!r}, "
-                f"threshold={self.threshold}, connectivity={self.connectivity}")
+                f"threshold={self.threshold}, connectivity={self.connectivity}, "
+                f"ignore_infeasible={self.ignore_infeasible}")

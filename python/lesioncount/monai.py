@@ -31,6 +31,7 @@ from typing import Callable, Hashable, Mapping, Sequence
 
 import torch
 
+from .losses import _reduce, count_nll_terms
 from ._adapters import (
     check_count_options,
     count_term,
@@ -125,9 +126,11 @@ class LesionCountLoss(_LesionMapMixin, _Loss):
         max_lesions: static number of candidates (torch.compile); None: all.
         reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (or ``monai.utils.LossReduction``).
 
-    Items whose true count exceeds their number of candidates have P(C = c) = 0 exactly: no
-    candidate exists whose probability could be raised (the segmentation loss has to create it).
-    ``"mean"`` and ``"sum"`` add 0 for them (the mean still divides by B); ``"none"`` returns +inf there.
+    Infeasible items, whose true count has P(C = c) = 0 exactly (e.g. more true lesions than
+    candidates: no candidate exists whose probability could be raised, the segmentation loss has to
+    create it), follow the rule of :func:`lesioncount.count_nll_terms`, as in
+    :class:`lesioncount.CountLoss`: ``"mean"`` (over the feasible items) and ``"sum"`` leave them
+    out and they carry no gradient; ``"none"`` returns +inf there.
 
     Shapes: ``input`` (B, C, [D,] H, W); ``target`` (B,) counts, (B, 1, [D,] H, W) label map or binary
     mask, or (B, C, [D,] H, W) one-hot. Output: scalar, or (B,) with ``reduction="none"``.
@@ -160,10 +163,8 @@ class LesionCountLoss(_LesionMapMixin, _Loss):
                           min_size=self.min_size, max_count=self.max_count, max_lesions=self.max_lesions)
         if self.reduction == LossReduction.MEAN.value:
             return term.loss
-        if self.reduction == LossReduction.SUM.value:
-            return term.loss * x.shape[0]
-        nll = -term.result.log_pmf.gather(1, counts.to(x.device).clamp_max(self.max_count).view(-1, 1)).squeeze(1)
-        return nll
+        terms = count_nll_terms(term.result.log_pmf, counts)
+        return _reduce(terms, self.reduction, True)
 
 
 class LesionCountMetric(_LesionMapMixin, CumulativeIterationMetric):

@@ -9,7 +9,9 @@ import torch
 
 from . import _ops, _reference
 from ._validation import (
+    MAX_SIZE_ARGUMENT,
     canonical_spatial,
+    check_bool,
     check_connectivity,
     check_label_dtype,
     check_nonneg_int,
@@ -117,7 +119,7 @@ def region_max(input: torch.Tensor, labels: torch.Tensor, num_regions: int | Non
     if num_regions is None:
         require_static_under_vmap("num_regions", "the number of regions")
         num_regions = int(lab.max()) if lab.numel() else 0
-    check_nonneg_int(num_regions, "num_regions")
+    check_nonneg_int(num_regions, "num_regions", maximum=MAX_SIZE_ARGUMENT)
     if _use_compiled("region_max", x):
         return _ops.region_max_op(x, lab, num_regions)
     return _reference.region_max(x, lab, num_regions)
@@ -153,7 +155,9 @@ def poisson_binomial(probs: torch.Tensor, max_count: int | None = None, log: boo
         raise TypeError(f"`probs` must be a floating tensor, got {probs.dtype}")
     if max_count is None:
         max_count = probs.shape[1]
-    check_nonneg_int(max_count, "max_count")
+    check_nonneg_int(max_count, "max_count", maximum=MAX_SIZE_ARGUMENT)
+    check_bool(log, "log")
+    check_bool(from_logits, "from_logits")
     compiled = _use_compiled("poisson_binomial", probs)
     # The compiled kernels reject NaN and out-of-range values themselves while reading them (on CUDA
     # through a device-side assertion, without a host sync).

@@ -52,7 +52,7 @@ from .._adapters import (  # noqa: E402
     resolve_connectivity,
     target_counts,
 )
-from ..losses import count_weight_schedule  # noqa: E402
+from ..losses import count_nll, count_nll_terms, count_weight_schedule  # noqa: E402
 from .options import COUNT_LOG_KEYS, COUNT_OPTIONS, CountOptionError, parse_option  # noqa: E402
 
 __all__ = ["COUNT_LOG_KEYS", "COUNT_OPTIONS", "nnUNetTrainerCount"]
@@ -314,15 +314,14 @@ class nnUNetTrainerCount(nnUNetTrainer):
         target = torch.from_numpy(parts["count_target"].astype(np.int64))
         expected = torch.from_numpy(parts["count_expected"])
         m = _metrics.count_metrics(pmf, target, max_count=M, expected_count=expected, log_pmf=log_pmf)
-        nll = -log_pmf.gather(1, target.clamp_max(M).view(-1, 1)).squeeze(1)
-        finite = torch.isfinite(nll)
+        terms = count_nll_terms(log_pmf, target)
         epoch = self.current_epoch
-        self.logger.log("val_count_loss", float(torch.where(finite, nll, 0.0).sum() / nll.numel()), epoch)
+        self.logger.log("val_count_loss", float(count_nll(log_pmf, target)), epoch)  # mean over feasible items
         self.logger.log("val_count_accuracy", float(m["accuracy"]), epoch)
         self.logger.log("val_count_f1", float(m["f1"]), epoch)
         self.logger.log("val_count_mae", float(m["count_mae"]), epoch)
         self.logger.log("val_count_ece", float(m["ece"]), epoch)
-        self.logger.log("val_count_infeasible", float((~finite).double().mean()), epoch)
+        self.logger.log("val_count_infeasible", float(terms.infeasible.double().mean()), epoch)
 
     def on_epoch_end(self):
         get = self.logger.get_value

@@ -99,21 +99,19 @@ def count_loss_term(logits: torch.Tensor, counts: torch.Tensor, *, threshold: fl
     """Count NLL ``-log P(C = count)`` of the count distribution of ``logits`` (float32).
 
     The distribution is computed from the logits in log space (``from_logits=True``), outside any
-    autocast region, so it stays exact under mixed precision. An item whose true count exceeds its
-    number of candidates has P(C = count) = 0 exactly: its NLL is +inf and carries no gradient (no
-    candidate exists that could be made more probable; the segmentation loss has to create it). The
-    loss therefore sums the finite NLLs and divides by the batch size, which is the gradient of the
-    plain batch mean without the infinite value.
+    autocast region, so it stays exact under mixed precision. Infeasible items (true count with
+    probability exactly 0, e.g. more true lesions than candidates) follow the one rule of
+    :func:`lesioncount.count_nll_terms`: NLL +inf, no gradient, left out of the mean.
 
     Shapes: ``logits`` (B, 1, D, H, W), ``counts`` (B,) int. Returns ``(loss, nll)``: ``loss`` a
-    scalar differentiable in ``logits`` (the gradient reaches one voxel per candidate lesion),
-    ``nll`` (B,) detached per-item values (inf where infeasible).
+    scalar differentiable in ``logits`` (the gradient reaches one voxel per candidate lesion; the
+    mean over the feasible items), ``nll`` (B,) detached per-item values (inf where infeasible).
 
     Example:
         >>> logits = torch.full((2, 1, 4, 8, 8), -9.0); logits[:, 0, 1, 2, 2] = 2.0
         >>> loss, nll = count_loss_term(logits, torch.tensor([1, 2]))    # item 1: 2 lesions, 1 candidate
-        >>> loss, nll                                                    # (-log sigmoid(2) + 0) / 2
-        (tensor(0.0635), tensor([0.1269,    inf]))
+        >>> loss, nll                                                    # -log sigmoid(2), item 1 left out
+        (tensor(0.1269), tensor([0.1269,    inf]))
     """
     import lesioncount
 
@@ -126,12 +124,10 @@ def count_loss_term(logits: torch.Tensor, counts: torch.Tensor, *, threshold: fl
     with torch.autocast(device_type=logits.device.type, enabled=False):
         result = lesioncount.count_distribution(logits.float(), threshold=threshold, connectivity=connectivity,
                                                 max_count=max_count, from_logits=True)
-        # -log P(C = count), count >= M scored on the tail bin (count_nll without its device-side checks)
-        target = counts.to(result.log_pmf.device, non_blocking=True).clamp_max(max_count).view(-1, 1)
-        nll = -result.log_pmf.gather(1, target).squeeze(1)
-        finite = torch.isfinite(nll)
-        loss = torch.where(finite, nll, torch.zeros((), dtype=nll.dtype, device=nll.device)).sum() / nll.shape[0]
-    return loss, nll.detach()
+        target = counts.to(result.log_pmf.device, non_blocking=True)
+        terms = lesioncount.count_nll_terms(result.log_pmf, target)
+        loss = lesioncount.count_nll(result.log_pmf, target)
+    return loss, terms.nll.detach()
 
 
 class StepOutput(NamedTuple):
