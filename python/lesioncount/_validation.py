@@ -132,8 +132,9 @@ def check_threshold(threshold, *, probability: bool) -> float:
     return threshold
 
 
-# Largest count bin / candidate column index a caller may ask for: the kernels index bins and
-# columns with 32-bit ints, and (B, M+1) outputs are allocated (2**31 bins are 16 GiB per item).
+# Largest number of count bins / candidate columns a caller may ask for: (B, M+1) and (B, K)
+# outputs are allocated (2**31 float64 bins are 16 GiB per item), so a larger request is an error
+# naming the argument rather than an allocation failure or a dispatcher overflow (>= 2**63).
 MAX_SIZE_ARGUMENT = 2**31 - 2
 
 
