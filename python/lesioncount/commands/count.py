@@ -5,7 +5,7 @@ Usage::
     lesioncount count -i PRED_DIR_OR_FILE -o OUT_DIR [--threshold 0.1] [--connectivity 18]
                       [--min-size VOXELS | --min-volume MM3] [--max-count 4] [--from-logits]
                       [--channel 1] [--mask FILE_OR_DIR] [--device cpu|cuda] [--workers N] [--threads 1]
-                      [--num-parts N --part-id I] [--save-labels] [--overwrite | --skip-existing]
+                      [--num-parts N|auto --part-id I|auto] [--save-labels] [--overwrite | --skip-existing]
 
 Inputs are what :func:`lesioncount.io.find_cases` lists: NIfTI maps, nnU-Net v2 ``CASE.npz``
 probabilities (geometry from the sibling ``CASE.nii.gz``) and ``.npy`` arrays.
@@ -23,9 +23,38 @@ Outputs in ``OUT_DIR``:
   (ids as in the lesion table). Such files in the input folder (OUT_DIR = input folder, now or in
   an earlier run) are not counted as cases: ``CASE_labels.nii.gz`` is skipped when ``CASE`` is a case.
 - ``summary.csv``: one row per case (:func:`lesioncount.report.summary_row`), in case order.
-- ``errors.csv``: ``case, file, error`` for every case that failed (header only when none did).
-  With ``--num-parts N`` these two are ``summary.part-I-of-N.csv`` / ``errors.part-I-of-N.csv``,
-  so that shards can share ``OUT_DIR``.
+- ``lesions.csv``: one row per lesion candidate of every case (:func:`lesioncount.report.lesion_rows`:
+  case, lesion id, probability, size in voxels and mm^3, argmax voxel and its world mm, centroid mm).
+- ``errors.csv``: ``case, file, error`` for every case that failed (header only when none did),
+  including entries that cannot be opened (dangling symbolic links, symbolic link loops).
+  With ``--num-parts N`` these three are ``summary.part-I-of-N.csv`` / ``lesions.part-I-of-N.csv``
+  / ``errors.part-I-of-N.csv`` plus a hidden manifest ``.lesioncount.part-I-of-N.manifest`` (the
+  settings and the shard's cases), so that shards can share ``OUT_DIR``; ``lesioncount merge
+  OUT_DIR`` checks them and writes ``summary.csv`` / ``lesions.csv`` / ``errors.csv``.
+
+Data safety:
+
+- Every file is written atomically (:func:`lesioncount.io.atomic_file`): a hidden temporary file
+  ``.NAME.<pid>.<random>.tmp`` in ``OUT_DIR``, fsync'ed, then renamed over ``NAME``; a file is
+  either absent, the old one or complete, never partial. Label maps are written by the worker
+  threads to such temporary files and renamed, with the case's JSON, by the main thread.
+- One run per folder: the run holds an ``fcntl.flock`` lock on ``OUT_DIR/.lesioncount.lock``
+  (removed at the end; the kernel drops it if the process dies). A second run into the same
+  folder refuses at once (exit 2) naming the holder's pid and host. Shards (``--num-parts``) hold
+  it shared plus their own ``.lesioncount.part-I-of-N.lock``, so the parts of one split run side
+  by side but one part cannot run twice; ``merge`` and unsharded runs need it alone. (On NFS the
+  lock is as good as the server's lock manager; where locking is unsupported a warning says so.)
+- Summaries always describe the case files present: at the start the run removes its own earlier
+  ``summary/lesions/errors`` files (a shard also the folder-level merged ones, an unsharded run
+  the shards' part files and manifests) and, with ``--overwrite``, the earlier ``CASE.json`` /
+  ``CASE_labels.nii.gz`` of its cases; at the end (also after SIGINT/SIGTERM) it writes them from
+  the cases it counted or kept. A case counted without ``--save-labels`` loses an earlier label
+  map (it would not match the new JSON). A run killed by SIGKILL leaves no summary, never a
+  stale one; hidden temporary files of killed runs are removed by the next unsharded run.
+- SIGINT (Ctrl-C) / SIGTERM (e.g. ``scancel``): the cases being counted are abandoned (their
+  temporary files removed), finished cases stay, the summaries are written (the cases not
+  processed are rows of ``errors.csv`` saying so) and the command exits 130 / 143 with one line on
+  stderr. ``--skip-existing`` then finishes the folder.
 
 Choices:
 
@@ -37,7 +66,16 @@ Choices:
   A kept file computed with other settings (threshold, connectivity, size rule, max count, logits,
   channel, mask, baseline threshold) is not mixed into the summary: that case is reported as failed
   (exit 1) with the options that differ.
-  ``summary.csv`` and ``errors.csv`` are always rewritten.
+  ``summary.csv``, ``lesions.csv`` and ``errors.csv`` are always rewritten. With ``--save-labels``
+  a kept case's ``CASE_labels.nii.gz`` must be readable and match its JSON (shape, affine, number
+  of labels); a missing, empty, truncated or mismatched one makes the case be counted again (a note
+  on stderr), so every kept case ends with its label map.
+- ``--num-parts N --part-id I``: the k-th case of the sorted list goes to part ``k % N``. On a
+  SLURM job array ``--num-parts auto`` (``--part-id`` then defaults to ``auto``) takes
+  ``N = SLURM_ARRAY_TASK_COUNT`` and ``I = (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) /
+  SLURM_ARRAY_TASK_STEP`` (:func:`slurm_array_shard`): ``sbatch --array=0-15`` and ``--array=1-16``
+  both give parts 0..15 of 16. Outside a job array (the variables unset) ``auto`` is an error
+  (exit 2) that says so; so is an array that is not a uniform range (``--array=1,5,7``).
 - ``--workers N`` (default: the number of CPU cores this process may use): N threads each take a
   case through read, decompress, count, report and label map, while the main thread writes the
   ``CASE.json`` files and the progress bar in case order. ``.nii.gz`` files are inflated by ISA-L
@@ -55,12 +93,18 @@ Choices:
   with ``--quiet``, no bar.
 
 Exit codes: 0 every case counted; 1 some cases failed (reported on stderr and in ``errors.csv``,
-the other cases are still processed); 2 bad arguments, no input cases, missing extra or
-unavailable device.
+the other cases are still processed) or a summary file could not be written (one line on stderr);
+2 bad arguments, no input cases, missing extra, unavailable device, or the output folder in use by
+another run; 130 / 143 interrupted by SIGINT / SIGTERM.
+
+Python API: :func:`lesioncount.report.count_file` returns the report of one file (the same dict as
+``CASE.json``), e.g. to fan a folder out with ``concurrent.futures`` in your own script.
 
 Example::
 
     lesioncount count -i nnunet_predictions/ -o counts/ --min-volume 10 --save-labels
+    sbatch --array=0-15 --wrap "lesioncount count -i preds/ -o counts/ --num-parts auto"  # then:
+    lesioncount merge counts/
 """
 from __future__ import annotations
 
@@ -103,7 +147,8 @@ def register(subparsers) -> None:
         "count",
         help="count distributions of probability maps on disk (NIfTI, nnU-Net .npz, .npy)",
         description="Per-case lesion count distributions, baselines and lesion tables for probability maps on "
-                    "disk. Writes OUT_DIR/CASE.json per case, OUT_DIR/summary.csv and OUT_DIR/errors.csv.",
+                    "disk. Writes OUT_DIR/CASE.json per case, OUT_DIR/summary.csv, lesions.csv and errors.csv "
+                    "(atomically; one run per folder; exit 130/143 on SIGINT/SIGTERM with consistent summaries).",
     )
     p.add_argument("-i", "--input", required=True, type=pathlib.Path,
                    help="a case file or a folder of them (.nii, .nii.gz, nnU-Net .npz, .npy)")
