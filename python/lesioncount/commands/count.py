@@ -489,8 +489,11 @@ class FolderLock:
         self.unsupported = None  # the OSError of a file system without flock
 
     def acquire(self) -> "FolderLock":
-        import fcntl
-
+        try:
+            import fcntl
+        except ImportError as exc:  # not POSIX
+            self.unsupported = exc
+            return self
         for _ in range(20):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -526,10 +529,10 @@ class FolderLock:
                 f"wait for it to finish, or write to another folder")
 
     def release(self) -> None:
-        import fcntl
-
         if self.fd is None:
             return
+        import fcntl
+
         try:
             if self.shared:  # remove the file only when no other shard holds it
                 try:
