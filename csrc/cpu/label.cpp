@@ -15,6 +15,9 @@
 //     are summed first and small components get label 0; the rest stay consecutive.
 //  4. Write: each row's runs are painted with their labels (parallel). Large outputs come zero-filled
 //     from the kernel (cpu/output_alloc.h), so background is never written; small ones are memset.
+//     Each 2 MiB block of a large output gets huge pages only where a sample of the input says most
+//     of it is foreground; mostly-background blocks get 4 KiB pages on the zero page, so a sparse
+//     map costs fresh memory only where it has labels (see output_alloc.h).
 // Cost: one read of the input, one write of the labels, and work proportional to the number of runs.
 // Batch items run in parallel when there are at least as many items as threads; otherwise the chunks
 // of one item run in parallel.
@@ -157,6 +160,26 @@ inline void merge_rows(const Run* runs, index_t* parent, index_t cur_begin, inde
     i += step_current;
     j += !step_current;
   }
+}
+
+// Whether the labels of voxels [begin, end) will be mostly background, for choosing the memory of
+// one 2 MiB block of a large label map (cpu/output_alloc.h; performance only, any answer is right):
+// every 8th 4 KiB page's worth of voxels is tested, and the block counts as sparse when fewer than a
+// quarter of those pages hold a foreground voxel. Reads at most 1/8 of the input.
+template <typename scalar_t>
+bool mostly_background(const scalar_t* input, int64_t begin, int64_t end, int64_t voxels_per_page,
+                       const ForegroundTest<scalar_t>& test) {
+  using compare_t = typename ForegroundTest<scalar_t>::compare_t;
+  const compare_t bound = test.bound;
+  int64_t sampled = 0, foreground = 0;
+  for (int64_t page = begin; page < end; page += 8 * voxels_per_page) {
+    const int64_t stop = std::min(end, page + voxels_per_page);
+    uint8_t any = 0;
+    for (int64_t i = page; i < stop; ++i) any |= static_cast<compare_t>(input[i]) > bound;
+    ++sampled;
+    foreground += any;
+  }
+  return 4 * foreground < sampled;
 }
 
 // Labels one batch item. `labels_out` has depth*height*width entries.
@@ -324,11 +347,11 @@ std::tuple<at::Tensor, at::Tensor> label_cpu(const at::Tensor& input, double thr
   const int64_t item_voxels = depth * height * width;
   TORCH_CHECK(width < std::numeric_limits<int32_t>::max(), "label: `input` rows are too long");
   const bool wide = item_voxels >= (int64_t(1) << 31);
-  const ZeroedOutput output = empty_or_zeroed_cpu_output(x.sizes(), x.options().dtype(wide ? at::kLong : at::kInt));
-  at::Tensor labels = output.tensor;
-  const bool output_zeroed = output.zeroed;
+  const at::TensorOptions label_options = x.options().dtype(wide ? at::kLong : at::kInt);
   at::Tensor num = at::zeros({batch}, x.options().dtype(at::kLong));
-  if (batch == 0 || item_voxels == 0) return {labels.zero_(), num};
+  if (batch == 0 || item_voxels == 0) return {at::zeros(x.sizes(), label_options), num};
+  at::Tensor labels;
+  bool output_zeroed = false;
 
   int64_t* num_ptr = num.data_ptr<int64_t>();
   std::vector<uint8_t> item_nan(batch, 0);
@@ -338,6 +361,15 @@ std::tuple<at::Tensor, at::Tensor> label_cpu(const at::Tensor& input, double thr
   auto dispatch = [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* in_ptr = static_cast<const scalar_t*>(x.const_data_ptr());
+    const ForegroundTest<scalar_t> test(threshold);
+    const int64_t label_size = wide ? 8 : 4;
+    const ZeroedOutput output = zeroed_cpu_output_by_block(
+        x.sizes(), label_options, [&](int64_t byte_begin, int64_t byte_end) {
+          return mostly_background(in_ptr, byte_begin / label_size, byte_end / label_size,
+                                   static_cast<int64_t>(kSmallPage) / label_size, test);
+        });
+    labels = output.tensor;
+    output_zeroed = output.zeroed;
     auto run_item = [&](int64_t b) {
       bool nan = false;
       if (wide) {

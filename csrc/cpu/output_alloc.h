@@ -1,17 +1,46 @@
 // Zero-filled allocation of large CPU outputs (label maps, dense sparse-gradients).
 //
 // A fresh multi-megabyte tensor from the default CPU allocator is mmap'ed memory that the kernel maps
-// 4 KiB at a time on first touch, and at::zeros then writes every byte once more. For a
-// (4, 64, 192, 192) int32 label map that is ~9,000 page faults plus a 38 MB memset, which measured
-// here cost more than the labelling itself. Outputs of at least 8 MiB are therefore mapped directly
-// (anonymous mmap: the kernel guarantees zeros), 2 MiB-aligned and marked MADV_HUGEPAGE (honoured when
-// the system's THP mode is "madvise" or "always"). Kernels then write only their non-zero entries;
-// untouched pages are never faulted in until someone reads or writes them (as with calloc). The
-// tensor owns its mapping through a deleter; otherwise it is an ordinary contiguous CPU tensor.
+// 4 KiB at a time on first touch, and at::zeros then writes every byte once more. Outputs of at
+// least 8 MiB are therefore mapped directly (anonymous mmap: the kernel guarantees zeros), 2 MiB
+// aligned, and kernels write only their non-zero entries. The tensor owns its mapping through a
+// deleter; otherwise it is an ordinary contiguous CPU tensor.
+//
+// How each 2 MiB block of the mapping gets its memory is chosen per block, from what the caller
+// will write there:
+//  - dense blocks (most of the block will be written): MADV_HUGEPAGE, so the first write maps one
+//    zeroed 2 MiB page (one fault instead of 512);
+//  - sparse blocks (a few scattered writes, the rest stays zero and is only read): the block is
+//    mapped read-only to the kernel's huge zero page (one read fault), which is then split into 512
+//    read-only 4 KiB zero-page entries (MADV_DONTNEED of one 4 KiB page inside it: a partial unmap
+//    splits the huge mapping), and the block is marked MADV_NOHUGEPAGE. A write then faults in one
+//    private 4 KiB page, and reads of the untouched zeros (e.g. region_max scanning a label map)
+//    cost no fault and no memory. The split is needed: a write into the unsplit huge zero page
+//    allocates a whole zeroed 2 MiB page (Linux 6.x), and plain 4 KiB memory without the zero-page
+//    entries would take one read fault per 4 KiB when the zeros are read.
+//
+// Why sparse blocks matter (issue 16, item 7, cold start): with huge pages everywhere, a realistic
+// label map (4 x 64x192x192 int32, 36 MiB, ~0.2% of voxels labelled) got all of its 18 huge pages
+// written on every call, so every call zeroed 36 MiB of fresh memory. On a VM whose freed memory goes
+// back to the hypervisor (virtio-balloon free page reporting; on the Firecracker VM of BENCHMARKS.md
+// free 2 MiB blocks are reported within seconds, page_reporting_order 9), memory that was reported costs a
+// host fault per 4 KiB on first touch again: ~5 ms per huge page, 70-110 ms per call instead of
+// ~8 ms, until the process happened to recycle huge pages that were still backed (the "first ~10
+// calls" of a process). With sparse blocks the same map writes ~875 4 KiB pages (3.5 MiB), which
+// the kernel recycles from its per-CPU free lists call after call, and the first call of a process
+// touches 10x less fresh memory.
+//
+// Correctness never depends on the choice: every block reads as zeros until the caller writes it.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <c10/util/accumulate.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -24,27 +53,83 @@ struct ZeroedOutput {
   bool zeroed;  // true: every element is already 0
 };
 
+constexpr size_t kHugePage = size_t(2) << 20;
+constexpr size_t kSmallPage = size_t(4) << 10;
+
+// Size in bytes of a CPU output of `sizes` and `options`.
+inline size_t output_nbytes(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
+}
+
+// Whether read faults in MADV_HUGEPAGE memory map the kernel's shared huge zero page (the default);
+// when they allocate a real huge page instead (use_zero_page = 0), sparse blocks skip the zero-page
+// mapping and stay plain lazily-faulted 4 KiB memory.
+inline bool huge_zero_page_enabled() {
+#if defined(__linux__)
+  static const bool enabled = [] {
+    FILE* f = std::fopen("/sys/kernel/mm/transparent_hugepage/use_zero_page", "r");
+    if (f == nullptr) return false;
+    int value = 0;
+    const bool ok = std::fscanf(f, "%d", &value) == 1;
+    std::fclose(f);
+    return ok && value == 1;
+  }();
+  return enabled;
+#else
+  return false;
+#endif
+}
+
 // Returns an uninitialised small tensor (zeroed = false) or a zero-filled large one (zeroed = true).
-// `dense`: the kernel will write most of the output (use huge pages); otherwise it writes a few
-// scattered entries (4 KiB pages, so each touched spot costs 4 KiB of zeroing, not 2 MiB).
-inline ZeroedOutput empty_or_zeroed_cpu_output(at::IntArrayRef sizes, const at::TensorOptions& options,
-                                               bool dense = true) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr size_t kHugePage = size_t(2) << 20;
-  const size_t nbytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
+// `sparse_block(byte_begin, byte_end)` is asked, for each 2 MiB block of a large output (byte
+// offsets into the output), whether the caller will write only a small part of it (see above); it is
+// not called for small outputs.
+template <typename SparseBlock>
+inline ZeroedOutput zeroed_cpu_output_by_block(at::IntArrayRef sizes, const at::TensorOptions& options,
+                                               SparseBlock&& sparse_block) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE) && defined(MADV_NOHUGEPAGE)
+  const size_t nbytes = output_nbytes(sizes, options);
   if (nbytes >= 4 * kHugePage) {
     const size_t mapped = (nbytes + kHugePage - 1) / kHugePage * kHugePage + kHugePage;
     void* base = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (base != MAP_FAILED) {
       const uintptr_t aligned = (reinterpret_cast<uintptr_t>(base) + kHugePage - 1) & ~(uintptr_t(kHugePage) - 1);
-      void* data = reinterpret_cast<void*>(aligned);
-      if (dense) madvise(data, mapped - (aligned - reinterpret_cast<uintptr_t>(base)), MADV_HUGEPAGE);  // advisory
+      char* data = reinterpret_cast<char*>(aligned);
+      const size_t blocks = (nbytes + kHugePage - 1) / kHugePage;
+      std::vector<uint8_t> sparse(blocks);
+      for (size_t k = 0; k < blocks; ++k)
+        sparse[k] = sparse_block(static_cast<int64_t>(k * kHugePage),
+                                 static_cast<int64_t>(std::min(nbytes, (k + 1) * kHugePage)));
+      // All madvise calls are advisory: if one fails, the memory is still zero-filled.
+      madvise(data, blocks * kHugePage, MADV_HUGEPAGE);
+      const bool zero_page = huge_zero_page_enabled();
+      for (size_t k = 0; k < blocks && zero_page; ++k) {
+        if (!sparse[k]) continue;
+        char* block = data + k * kHugePage;
+        (void)*static_cast<volatile char*>(block);  // maps the huge zero page (nothing written yet)
+        madvise(block, kSmallPage, MADV_DONTNEED);   // partial unmap: splits it into 4 KiB entries
+      }
+      for (size_t k = 0; k < blocks;) {  // runs of sparse blocks: no huge pages on later faults
+        size_t end = k;
+        while (end < blocks && sparse[end]) ++end;
+        if (end > k) madvise(data + k * kHugePage, (end - k) * kHugePage, MADV_NOHUGEPAGE);
+        k = end + 1;
+      }
       auto release = [base, mapped](void*) { munmap(base, mapped); };
       return {at::from_blob(data, sizes, release, options.device(at::kCPU)), true};
     }
   }
+#else
+  (void)sparse_block;
 #endif
   return {at::empty(sizes, options.device(at::kCPU)), false};
+}
+
+// The same with one choice for the whole output: `dense` (the kernel will write most of it) or
+// sparse (a few scattered entries, e.g. one gradient value per region).
+inline ZeroedOutput empty_or_zeroed_cpu_output(at::IntArrayRef sizes, const at::TensorOptions& options,
+                                               bool dense = true) {
+  return zeroed_cpu_output_by_block(sizes, options, [dense](int64_t, int64_t) { return !dense; });
 }
 
 }  // namespace lesioncount
