@@ -648,7 +648,9 @@ def count_file(path, *, mask=None, labels_path=None, missing_geometry: str = "er
         missing_geometry: ``"error"`` or ``"identity"`` for an ``.npz`` without its sibling.
         **options: the counting settings, as in :class:`CountSettings` and the ``count`` options:
             ``threshold=0.1, connectivity=18, min_size=0, min_volume=None, max_count=4,
-            from_logits=False, channel=1, device="cpu", baseline_threshold=0.5``.
+            from_logits=False, channel=None, device="cpu", baseline_threshold=0.5`` (``channel``:
+            the lesion channel of a multi-channel file; not given, nnU-Net ``.npz`` use 1, a NIfTI
+            with several volumes is an error; the report records 1 then, as the CLI does).
 
     Returns:
         The case report dict (schema in this module's docstring), equal to the ``CASE.json``
@@ -680,9 +682,12 @@ def count_file(path, *, mask=None, labels_path=None, missing_geometry: str = "er
     from .io import read_probability_map
 
     t0, c0 = time.perf_counter(), time.thread_time()
-    volume = read_probability_map(path, channel=options.get("channel", 1), missing_geometry=missing_geometry)
+    # channel not given: 1 for nnU-Net .npz, an error for a NIfTI with several volumes (as in the CLI)
+    volume = read_probability_map(path, channel=options.get("channel"), missing_geometry=missing_geometry)
     mask_volume, mask_name = _mask_volume(mask, volume.name + "_mask")
     read_s, read_cpu_s = time.perf_counter() - t0, time.thread_time() - c0
+    if options.get("channel") is None:
+        options = {k: v for k, v in options.items() if k != "channel"}
     settings = _settings(options, mask_name)
     report, count_s, write_s, _ = _count_and_report(volume, settings, mask_volume, labels_path)
     report["timings_s"] = {"read_s": read_s, "read_cpu_s": read_cpu_s, "count_s": count_s, "write_s": write_s}
