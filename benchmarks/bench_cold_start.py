@@ -17,7 +17,7 @@ of each process, then the median over processes) and their ratio.
 
 Usage (repository root)::
 
-    .venv/bin/python benchmarks/bench_cold_start.py [--procs 7] [--calls 15] [--threads 2]
+    .venv/bin/python benchmarks/bench_cold_start.py [--procs 7] [--calls 15] [--threads 2] [--pause 3]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 CHILD = r"""
 import json, resource, sys, time
@@ -68,6 +69,9 @@ def main() -> None:
     ap.add_argument("--procs", type=int, default=7, help="fresh processes (default 7)")
     ap.add_argument("--calls", type=int, default=15, help="calls per process (default 15, >= 15)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    ap.add_argument("--pause", type=float, default=3.0,
+                    help="seconds to wait before each process (default 3): memory freed by the previous "
+                         "one is then no longer warm on VMs that hand free memory back to the host")
     ap.add_argument("--json", help="also write the raw per-process results here")
     args = ap.parse_args()
     if args.calls < 15:
@@ -84,6 +88,7 @@ def main() -> None:
         runs = []
         load0 = os.getloadavg()[0]
         for _ in range(args.procs):
+            time.sleep(args.pause)
             out = subprocess.run([sys.executable, "-c", CHILD, path, str(args.threads), str(args.calls)],
                                  check=True, capture_output=True, text=True)
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
