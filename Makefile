@@ -60,12 +60,39 @@ demo: $(DEMO_VENV)/.built
 test: build
 	LESIONCOUNT_REQUIRE_CUDA_ON_CPU=1 $(PY) -m pytest -q tests
 
-# nnU-Net v2 and MONAI integrations only (real nnU-Net planning + CPU training; MONAI losses/metrics/transforms)
-test-integration: build
-	$(PY) -m pytest -q -m integration tests
+# The integration environment .venv-integration: nnU-Net's own commands (nnUNetv2_train/_predict -tr
+# nnUNetTrainerCount search nnU-Net's trainer package, which imports timm -> torchvision), lesioncount
+# evaluate (torchmetrics -> torchvision) and MONAI need a torchvision that matches torch. PyPI's
+# torchvision is a CUDA build, which cannot import beside the CPU torch of .venv; here a CUDA torch with
+# its torchvision (they run on the CPU), installed as the README says, lesioncount built editable against
+# it with LESIONCOUNT_CUDA=OFF (the CPU kernels; nvcc for the CUDA kernels took > 25 min on 2 cores) in its
+# own build folder. About 5 minutes and 5.5 GB.
+INTEGRATION_VENV ?= .venv-integration
+INTEGRATION_PY := $(INTEGRATION_VENV)/bin/python
+INTEGRATION_TORCH ?= torch==2.14.1 torchvision==0.29.1
+
+$(INTEGRATION_VENV)/.deps: requirements-integration.txt
+	@echo "== $(INTEGRATION_VENV): $(INTEGRATION_TORCH), then nnunetv2, monai, timm and the test tools"
+	test -x $(INTEGRATION_PY) || $(PYTHON) -m venv $(INTEGRATION_VENV)
+	$(INTEGRATION_PY) -m pip install -q --no-compile $(INTEGRATION_TORCH)
+	$(INTEGRATION_PY) -m pip install -q -r requirements-integration.txt $(INTEGRATION_TORCH)
+	$(INTEGRATION_PY) -c "import torchvision.ops, timm, nnunetv2, monai"
+	touch $@
+
+$(INTEGRATION_VENV)/.built: $(INTEGRATION_VENV)/.deps pyproject.toml CMakeLists.txt $(SOURCES)
+	@echo "== $(INTEGRATION_VENV): building lesioncount (CPU kernels) with its extras [nnunet,monai]"
+	LESIONCOUNT_CUDA=OFF $(INTEGRATION_PY) -m pip install -q --no-build-isolation \
+	    --config-settings=build-dir=build/integration -e '.[nnunet,monai]' $(INTEGRATION_TORCH)
+	touch $@
+
+# nnU-Net v2 and MONAI integrations only, in .venv-integration: nnU-Net's planning, nnUNetv2_train and
+# nnUNetv2_predict -tr nnUNetTrainerCount, lesioncount nnunet-train/-predict/count/evaluate, MONAI.
+# LESIONCOUNT_REQUIRE_NNUNET_COMMANDS=1: the tests of nnU-Net's own commands fail (not skip) where they cannot run.
+test-integration: $(INTEGRATION_VENV)/.built
+	LESIONCOUNT_REQUIRE_NNUNET_COMMANDS=1 $(INTEGRATION_PY) -m pytest -q -m integration tests
 
 bench: build
 	$(PY) -m pytest -q benchmarks/bench_label.py benchmarks/bench_count.py --benchmark-json=out/bench.json
 
 clean:
-	rm -rf build $(VENV) $(DEMO_VENV) .pytest_cache .benchmarks .torchinductor_cache
+	rm -rf build $(VENV) $(DEMO_VENV) $(INTEGRATION_VENV) .pytest_cache .benchmarks .torchinductor_cache
