@@ -34,11 +34,12 @@ $(VENV)/.built: $(VENV)/.deps pyproject.toml CMakeLists.txt $(SOURCES)
 build: $(VENV)/.built
 
 # The demo needs torch and numpy (matplotlib for its figure); nnU-Net, MONAI and the test tools stay out.
-# No pip upgrade (the venv's own pip suffices); pip without -q, so that each step shows what it does.
+# No pip upgrade (the venv's own pip suffices) and no .pyc precompilation of torch's thousands of
+# modules (Python compiles the few it imports); pip without -q, so that each step shows what it does.
 $(DEMO_VENV)/.deps:
 	@echo "== make demo [1/3]: virtual environment $(DEMO_VENV) with torch $(TORCH_VERSION) (CPU), numpy, matplotlib, scikit-build-core, ninja, cmake"
 	test -x $(DEMO_PY) || $(PYTHON) -m venv $(DEMO_VENV)
-	$(DEMO_PY) -m pip install --progress-bar on torch==$(TORCH_VERSION) numpy matplotlib 'scikit-build-core>=0.10' ninja cmake
+	$(DEMO_PY) -m pip install --no-compile --progress-bar on torch==$(TORCH_VERSION) numpy matplotlib 'scikit-build-core>=0.10' ninja cmake
 	touch $@
 
 # Non-editable, in its own build folder (the editable .venv build uses build/{wheel_tag}); ninja's
