@@ -12,7 +12,15 @@ Selecting the trainer (nnU-Net finds trainers by class name):
   ``nnUNetv2_train DATASET CONFIG FOLD -tr nnUNetTrainerCount`` and
   ``nnUNetv2_predict ... -tr nnUNetTrainerCount`` (nnU-Net >= 2.6 searches that folder);
 - or copy ``lesioncount/nnunet/trainers/lesioncount_trainers.py`` (a 3-line re-export) into
-  ``nnunetv2/training/nnUNetTrainer/variants/``.
+  ``nnunetv2/training/nnUNetTrainer/variants/`` (lost when nnunetv2 is reinstalled).
+
+nnU-Net's own search imports every trainer module nnU-Net ships; its Primus trainers import timm and
+torchvision, so ``nnUNetv2_train``/``nnUNetv2_predict`` need a torchvision built for the installed
+torch (``make test-integration`` runs them in such an environment, ``.venv-integration``).
+
+Prediction with counting in memory: ``lesioncount nnunet-predict`` (:mod:`lesioncount.nnunet.predict`,
+``CountingPredictor``: nnU-Net's predictor whose export workers also write ``lesioncount count``'s
+``CASE.json``).
 
 Example:
     >>> from lesioncount.nnunet import nnUNetTrainerCount, TRAINER_DIR   # doctest: +SKIP
