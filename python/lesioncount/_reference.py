@@ -243,6 +243,100 @@ def _safe_log1m(x: Tensor) -> Tensor:
     )
 
 
+def _log_dp_step(lpmf: Tensor, lp: Tensor, lq: Tensor, M: int) -> Tensor:
+    """One candidate of the log-space DP: L'(c) = log(P(c) q + P(c-1) p), tail L'(M) = log(P(M) + P(M-1) p)."""
+    B = lpmf.shape[0]
+    neg_inf = torch.full((B, 1), -math.inf, dtype=lpmf.dtype, device=lpmf.device)
+    zeros = torch.zeros((B, 1), dtype=lpmf.dtype, device=lpmf.device)
+    stay = torch.cat([lq.expand(B, M), zeros], 1)
+    prev = torch.cat([neg_inf, lpmf[:, :M]], 1)
+    return _logaddexp(lpmf + stay, prev + lp)
+
+
+def _log_prefixes(p: Tensor, M: int) -> Tensor:
+    """(B, K+1, M+1) log-pmfs of the first 0..K candidates (probabilities, float64)."""
+    lp, lq = _safe_log(p), _safe_log1m(p)
+    lpmf = torch.full((p.shape[0], M + 1), -math.inf, dtype=torch.float64, device=p.device)
+    lpmf[:, 0] = 0.0
+    prefixes = [lpmf]
+    for k in range(p.shape[1]):
+        lpmf = _log_dp_step(lpmf, lp[:, k : k + 1], lq[:, k : k + 1], M)
+        prefixes.append(lpmf)
+    return torch.stack(prefixes, 1)
+
+
+def _adjoint_grad(p: Tensor, prefixes: Tensor, grad: Tensor, M: int) -> Tensor:
+    """dL/dp (B, K) for the upstream gradient ``grad`` (B, M+1) of L = log P_K: the adjoint of the
+    linear recursion P_k = A(p_k) P_{k-1}, in signed logarithms (see _LogPmfFromProbabilities)."""
+    B, K = p.shape
+    lp, lq = _safe_log(p), _safe_log1m(p)
+    final = prefixes[:, K]
+    alive = final > -math.inf
+    # lambda = g / P as a signed log; 0 where P = 0 (no finite derivative there)
+    llam = torch.where(alive, _safe_log(grad.abs()) - torch.where(alive, final, torch.zeros_like(final)),
+                       torch.full_like(final, -math.inf))
+    slam = torch.where(grad < 0, -1.0, 1.0).to(torch.float64)
+    neg_inf = torch.full((B, 1), -math.inf, dtype=torch.float64, device=p.device)
+    ones = torch.ones((B, 1), dtype=torch.float64, device=p.device)
+    zeros = torch.zeros((B, 1), dtype=torch.float64, device=p.device)
+    out = torch.zeros((B, K), dtype=torch.float64, device=p.device)
+    for k in range(K - 1, -1, -1):
+        before = prefixes[:, k]  # the pmf before candidate k
+        # dP'(c)/dp_k = P(c-1) - P(c) for c < M; tail: P(M-1)
+        plus = torch.cat([neg_inf, before[:, :M]], 1)
+        minus = torch.cat([before[:, :M], neg_inf], 1)
+        lg, sg = _signed_logsumexp(torch.cat([llam + plus, llam + minus], 1), torch.cat([slam, -slam], 1))
+        out[:, k] = sg * torch.exp(lg)
+        # lambda_{k-1}(c) = lambda(c) q_k (1 in the tail) + lambda(c+1) p_k  (c < M)
+        stay = torch.cat([lq[:, k : k + 1].expand(B, M), zeros], 1)
+        next_l = torch.cat([llam[:, 1:], neg_inf], 1)
+        next_s = torch.cat([slam[:, 1:], ones], 1)
+        llam, slam = _signed_logsumexp(torch.stack([llam + stay, next_l + lp[:, k : k + 1]], -1),
+                                       torch.stack([slam, next_s], -1))
+    return out
+
+
+class _LogPmfFromProbabilities(torch.autograd.Function):
+    """Log-space DP for probabilities with exact derivatives at p = 0 and p = 1.
+
+    Autograd through ``log p`` / ``log(1 - p)`` is wrong there: a bin that becomes exactly 0
+    (P(C = 0) after a candidate with p = 1) cannot carry its derivative in log space, although later
+    bins depend on it (eq. 3). The backward pass therefore runs the adjoint of the *linear*
+    recursion P_k = A(p_k) P_{k-1} with every quantity held as a signed logarithm (nothing
+    underflows, nothing is divided by a probability): lambda_{k-1} = A(p_k)^T lambda_k from
+    lambda_K = g / P (0 where P = 0: such a bin's gradient is 0 by convention), and
+    dL/dp_k = lambda_k . (dA/dp_k) P_{k-1}. Forward mode: :func:`poisson_binomial_jvp`. O(K*M) time;
+    the backward pass recomputes and holds the K prefixes, O(K*M) memory (this is the slow
+    reference, not the kernels).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(p: Tensor, M: int) -> Tensor:
+        return _log_prefixes(p, M)[:, -1].clone()  # not a view: forward AD needs its own layout
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+        ctx.M = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (p,) = ctx.saved_tensors
+        return _adjoint_grad(p, _log_prefixes(p, ctx.M), grad, ctx.M), None
+
+    @staticmethod
+    def jvp(ctx, tangent, _):
+        (p,) = ctx.saved_tensors
+        return poisson_binomial_jvp(p, tangent, ctx.M, True, False)
+
+
+def _log_pmf_from_probabilities(p: Tensor, init: Tensor, M: int) -> Tensor:
+    return _LogPmfFromProbabilities.apply(p, M)
+
+
 def poisson_binomial(probs: Tensor, max_count: int, log_space: bool, from_logits: bool) -> Tensor:
     """Truncated Poisson-binomial pmf of ``C = sum_k Bernoulli(p_k)``.
 
@@ -265,18 +359,16 @@ def poisson_binomial(probs: Tensor, max_count: int, log_space: bool, from_logits
     dev = x.device
 
     if log_space:
-        if from_logits:
-            lp = -torch.nn.functional.softplus(-x)
-            lq = -torch.nn.functional.softplus(x)
-        else:
-            lp = _safe_log(x)
-            lq = _safe_log1m(x)
         init = torch.full((B, M + 1), -math.inf, dtype=torch.float64, device=dev)
         init[:, 0] = 0.0
         if M == 0:
             # P(C >= 0) = 1 whatever the probabilities
             out = init + 0.0 * x.sum(dim=1, keepdim=True)
             return out.to(out_dtype)
+        if not from_logits:
+            return _log_pmf_from_probabilities(x, init, M).to(out_dtype)
+        lp = -torch.nn.functional.softplus(-x)
+        lq = -torch.nn.functional.softplus(x)
         lpmf = init
         for k in range(K):
             a = lp[:, k : k + 1]

@@ -5,6 +5,8 @@ reference (:mod:`lesioncount._reference`) otherwise, with identical results.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _ops, _reference
@@ -168,4 +170,9 @@ def poisson_binomial(probs: torch.Tensor, max_count: int | None = None, log: boo
             raise ValueError("`probs` must lie in [0, 1] (pass from_logits=True for logits)")
     if compiled:
         return _ops.poisson_binomial_op(probs, max_count, bool(log), bool(from_logits))
-    return _reference.poisson_binomial(probs, max_count, bool(log), bool(from_logits))
+    out = _reference.poisson_binomial(probs, max_count, log, from_logits)
+    if log:
+        # A bin with log P = -inf has no finite derivative: like the kernels, pass it gradient 0
+        # (autograd through the reference's log(0) paths would give arbitrary finite values).
+        out = torch.where(out == -math.inf, out.detach(), out)
+    return out
