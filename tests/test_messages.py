@@ -196,3 +196,14 @@ def test_cli_multi_volume_nifti_fails_without_channel_and_works_with_it(tmp_path
     assert "holds 2 volumes" in captured.out + captured.err + (
         (tmp_path / "out0" / "errors.csv").read_text() if command == "count" else "")
     assert run("--channel", "1") == 0
+
+
+def test_python_api_with_compiled_kernel_names_a_uint8_image():
+    # the compiled CPU labeler checks values itself; its failure is re-explained by the Python check
+    import torch
+
+    import lesioncount as lc
+
+    x = torch.randint(0, 256, (1, 4, 8, 8)).float()
+    with pytest.raises(ValueError, match="uint8"):
+        lc.count_distribution(x)

@@ -136,8 +136,15 @@ def count_distribution(
     x, label_threshold = _prepare(input, threshold, connectivity, from_logits, mask)
     batch = x.shape[0]
     if _ops.has_kernel("label", x.device):
-        labels, num = torch.ops.lesioncount.label(x.detach(), label_threshold, connectivity, min_size,
-                                                  not from_logits)
+        try:
+            labels, num = torch.ops.lesioncount.label(x.detach(), label_threshold, connectivity, min_size,
+                                                      not from_logits)
+        except RuntimeError:
+            # The kernel checks values in its own pass and can only say "out of range"; the Python
+            # check (one more pass, only after a failure) names the likely cause (a 0..255 image,
+            # a label map, logits) in a ValueError.
+            check_values(x, probabilities=not from_logits)
+            raise
     else:
         labels, num = label(x.detach(), label_threshold, connectivity, min_size)
 
