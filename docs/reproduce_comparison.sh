@@ -5,8 +5,9 @@
 #   bottleneck, multihead, downstream (the parametric count heads, cross-entropy)
 # on the full training set (configs/comparison_cpu.yaml) and in the low-data regime
 # (configs/comparison_cpu_lowdata.yaml), then scores each group with evaluate-model: Table 1 with the
-# attack (SR / AD) and MC-dropout cc_count (uncertainty curves, entropy histograms), Table C.2 for the
-# low-data runs on the same test cases as the full-data runs, paired statistics against multitask.
+# attack (SR / AD) and MC-dropout cc_count (uncertainty curves, entropy histograms); Table C.2 for the
+# low-data runs on the same test cases as the full-data runs (the paper's Table C.2 has no attack or
+# MC-dropout columns, so these are skipped there); paired statistics against multitask.
 #
 #   bash docs/reproduce_comparison.sh [OUT_ROOT]        (default runs/comparison)
 #
@@ -17,7 +18,7 @@
 #   JOBS=2                      trainings / evaluations run at once, one CPU thread each (default 2)
 #   CONFIG, LOW_CONFIG          training configs (GPU: configs/comparison_gpu.yaml, comparison_gpu_lowdata.yaml)
 #   FULL_TRAIN=64               --num-train of CONFIG: the low-data runs are scored on its test split
-#   ATTACK_STEPS=10 MC_SAMPLES=50 THREADS=1 NICE=19
+#   ATTACK_STEPS=10 MC_SAMPLES=50 THREADS=1 NICE=19 EVAL_DEVICE=cpu (auto on a GPU)
 # A model whose OUT_DIR already holds best.pt and a finished last.pt is not retrained (an interrupted
 # run is resumed), so the script can be rerun after an interruption. Logs: OUT_ROOT/logs/.
 # Time on the project's loaded 2-core CPU: see docs/REPRODUCTION.md.
@@ -35,6 +36,7 @@ JOBS=${JOBS:-2}
 THREADS=${THREADS:-1}
 NICE=${NICE:-19}
 ATTACK_STEPS=${ATTACK_STEPS:-10}
+EVAL_DEVICE=${EVAL_DEVICE:-cpu}
 MC_SAMPLES=${MC_SAMPLES:-50}
 if [ -z "${SOURCES:-}" ]; then
   SOURCES="phantom"
@@ -74,9 +76,8 @@ evaluate() {  # group_dir table extra-flags...
   local args=()
   for m in $MODELS; do args+=(--checkpoint "$m=$group/$m/best.pt"); done
   echo "evaluate $group"
-  OMP_NUM_THREADS=$THREADS nice -n "$NICE" $LC evaluate-model "${args[@]}" --device cpu --attack \
-    --attack-steps "$ATTACK_STEPS" --mc-samples "$MC_SAMPLES" --paper-table "$table" "$@" \
-    -o "${group}_eval" > "$OUT/logs/$(echo "${group}_eval" | tr / _).log" 2>&1
+  OMP_NUM_THREADS=$THREADS nice -n "$NICE" $LC evaluate-model "${args[@]}" --device "$EVAL_DEVICE" \
+    --paper-table "$table" "$@" -o "${group}_eval" > "$OUT/logs/$(echo "${group}_eval" | tr / _).log" 2>&1
 }
 
 pool() {  # run "$@" in the background, at most JOBS at once
@@ -100,7 +101,9 @@ done
 wait
 # 2. evaluation (Table 1 per full-data group, Table C.2 per low-data group on the full runs' test cases)
 for src in $SOURCES; do
-  for seed in $SEEDS; do pool evaluate "$OUT/${src}_s${seed}" 1; done
+  for seed in $SEEDS; do
+    pool evaluate "$OUT/${src}_s${seed}" 1 --attack --attack-steps "$ATTACK_STEPS" --mc-samples "$MC_SAMPLES"
+  done
   for lseed in $LOW_SEEDS; do pool evaluate "$OUT/${src}_low_s${lseed}" C.2 --num-train "$FULL_TRAIN"; done
 done
 wait
