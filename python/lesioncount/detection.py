@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pathlib
 from typing import Sequence
 
 import numpy as np
@@ -757,21 +758,31 @@ def detection_map(labels, lesion_probs, lesion_ids=None) -> torch.Tensor:
     return lut[lab.long()]
 
 
-def write_detection_map(path, dmap, affine) -> None:
-    """Write a detection map as a float32 NIfTI with the input's affine (nibabel; extra ``io``).
+def write_detection_map(path, dmap, affine, *, commit: bool = True):
+    """Write a detection map as a float32 NIfTI with the input's affine, atomically (nibabel; extra ``io``).
 
     Args:
         path: ``.nii``/``.nii.gz`` file.
         dmap: (X, Y, Z) float map (:func:`detection_map`), in the input's voxel order.
         affine: (4, 4) voxel-to-world matrix (``Volume.affine`` of the input).
+        commit: True (default): written to a hidden temporary file, fsync'ed and renamed onto ``path``
+            (:func:`lesioncount.io.atomic_file`: never a partial ``path``). False: the finished
+            temporary file is left for the caller to ``os.replace`` onto ``path`` (or remove), as
+            ``lesioncount count --save-detection-map`` does.
+
+    Returns:
+        ``path`` as a :class:`pathlib.Path`, or with ``commit=False`` the temporary file.
 
     Example:
         >>> write_detection_map("out/case_detection.nii.gz", detection_map(r.labels[0], r.lesion_probs[0],
         ...                     r.lesion_ids[0]), volume.affine)                    # doctest: +SKIP
     """
-    from .io import _nibabel
+    from .io import _nibabel, _save_nifti_atomic
 
     nib = _nibabel()
+    path = pathlib.Path(path)
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        raise ValueError(f"`path` must end in .nii or .nii.gz, got {path.name!r}")
     d = _numpy(dmap, "dmap").astype(np.float32, copy=False)
     if d.ndim != 3:
         raise ValueError(f"`dmap` must be a 3-D (X, Y, Z) map, got shape {d.shape}")
@@ -782,4 +793,4 @@ def write_detection_map(path, dmap, affine) -> None:
     img.header.set_data_dtype(np.float32)
     img.header.set_xyzt_units("mm")
     img.header["intent_name"] = b"detection p_k"
-    nib.save(img, str(path))
+    return _save_nifti_atomic(path, img, commit=commit)

@@ -661,8 +661,15 @@ def write_label_map(path: PathLike, labels, affine, *, commit: bool = True) -> p
     img.header.set_data_dtype(dtype)
     img.header.set_xyzt_units("mm")
     img.header["intent_name"] = b"lesion labels"
+    return _save_nifti_atomic(path, img, commit=commit)
+
+
+def _save_nifti_atomic(path: pathlib.Path, img, *, commit: bool = True) -> pathlib.Path:
+    """Write a nibabel image to ``path`` through :func:`atomic_file`; returns ``path``, or with
+    ``commit=False`` the finished temporary file. ``.nii.gz``: gzip level 1 without a name or time
+    stamp in the gzip header (byte for byte what ``nibabel.save`` writes)."""
     with atomic_file(path, "wb", commit=commit) as f:
-        if name.endswith(".gz"):
+        if path.name.lower().endswith(".gz"):
             import gzip
 
             with gzip.GzipFile(filename="", mode="wb", fileobj=f, compresslevel=1, mtime=0) as gz:
