@@ -836,3 +836,127 @@ def test_lesions_csv_rows_are_the_json_lesion_tables(tmp_path):
     (out / "case_01.json").unlink()
     assert _run("-i", tmp_path / "in", "-o", out, "--skip-existing") == 0
     assert _csv(out / "lesions.csv") == rows
+
+
+# ----------------------------------------------------------------------------- detection maps (issue 21, item 2)
+
+
+def _detection(out, name):
+    img = nib.load(str(out / f"{name}_detection.nii.gz"))
+    return np.asanyarray(img.dataobj), img
+
+
+def test_save_detection_map_paints_each_candidate_with_its_probability(tmp_path, monkeypatch):
+    """CASE_detection.nii.gz: the input's shape and affine, float32, each candidate's voxels hold its p_k,
+    background 0; equal to detection_map() of count_distribution on the same data and to an independent
+    SciPy labelling; written atomically like the other outputs; p_k stays a probability with --from-logits."""
+    from lesioncount.detection import detection_map
+    from lesioncount.report import count_file
+
+    maps = _maps(3, seed=31)
+    paths = _write_folder(tmp_path / "in", maps)
+    out = tmp_path / "out"
+    replaced = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (replaced.append((pathlib.Path(a), pathlib.Path(b))),
+                                                     real_replace(a, b))[1])
+    assert _run("-i", tmp_path / "in", "-o", out, "--threshold", 0.1, "--save-detection-map") == 0
+    monkeypatch.setattr(os, "replace", real_replace)
+    detection_files = sorted(dest.name for _, dest in replaced if dest.name.endswith("_detection.nii.gz"))
+    assert detection_files == [f"case_{b:02d}_detection.nii.gz" for b in range(3)]
+    assert all(src.name.startswith(f".{dest.name}.{os.getpid()}.") for src, dest in replaced)
+    assert _hidden_leftovers(out) == [] and not list(out.glob("*_labels.nii.gz"))
+    for b, path in enumerate(paths):
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+        dmap, dimg = _detection(out, f"case_{b:02d}")
+        assert dimg.get_data_dtype() == np.float32 and dmap.dtype == np.float32
+        assert dmap.shape == data.shape
+        np.testing.assert_allclose(dimg.affine, img.affine, atol=1e-6)
+        # independent: SciPy components of data > 0.1, each painted with its maximum
+        labels, num = ndimage.label(data > 0.1, STRUCT18)
+        assert num >= 1
+        assert np.all(dmap[labels == 0] == 0)
+        report = _load(out, f"case_{b:02d}")
+        for row in report["lesions"]:
+            inside = labels == row["id"]
+            assert np.all(dmap[inside] == np.float32(data[inside].max()))
+            assert np.all(dmap[inside] == np.float32(row["probability"]))
+        ref = lesioncount.count_distribution(torch.from_numpy(np.ascontiguousarray(data))[None], threshold=0.1,
+                                             connectivity=18, max_count=4)
+        np.testing.assert_array_equal(dmap, detection_map(ref.labels[0], ref.lesion_probs[0],
+                                                          ref.lesion_ids[0]).numpy())
+    # the Python API writes the same file
+    report = count_file(paths[0], detection_path=tmp_path / "api_detection.nii.gz")
+    assert report["lesions"] == _load(out, "case_00")["lesions"]
+    np.testing.assert_array_equal(_detection(tmp_path, "api")[0], _detection(out, "case_00")[0])
+    # logits in, probabilities painted
+    logits = (np.log(maps[0]) - np.log1p(-maps[0])).astype(np.float32)
+    nib.save(nib.Nifti1Image(logits, AFFINE), str(tmp_path / "logits.nii.gz"))
+    assert _run("-i", tmp_path / "logits.nii.gz", "-o", tmp_path / "out_logits", "--from-logits",
+                "--save-detection-map") == 0
+    from_logits = _detection(tmp_path / "out_logits", "logits")[0]
+    np.testing.assert_allclose(from_logits, _detection(out, "case_00")[0], atol=1e-6, rtol=0)
+    assert (from_logits != 0).sum() == (_detection(out, "case_00")[0] != 0).sum()
+
+
+def test_detection_maps_under_skip_existing_overwrite_and_in_the_input_folder(tmp_path, capsys):
+    """--skip-existing keeps matching detection maps, rewrites missing, empty, truncated or stale ones (like
+    label maps); --overwrite without the flag removes them; maps written into the input folder are not cases."""
+    maps = _maps(4, seed=32)
+    _write_folder(tmp_path / "in", maps)
+    out = tmp_path / "out"
+
+    def expected(b, threshold):
+        labels, num = ndimage.label(maps[b] > threshold, STRUCT18)
+        peaks = np.asarray(ndimage.maximum(maps[b], labels, range(1, num + 1)), np.float32).reshape(-1)
+        return np.concatenate([[np.float32(0)], peaks])[labels]
+
+    # a first run without maps: --skip-existing --save-detection-map keeps the JSONs and writes the maps
+    assert _run("-i", tmp_path / "in", "-o", out, "--threshold", 0.3) == 0
+    capsys.readouterr()
+    assert _run("-i", tmp_path / "in", "-o", out, "--threshold", 0.3, "--skip-existing", "--save-detection-map") == 0
+    assert capsys.readouterr().err.count("_detection.nii.gz: missing; counting") == 4
+    for b in range(4):
+        np.testing.assert_array_equal(_detection(out, f"case_{b:02d}")[0], expected(b, 0.3))
+    assert _run("-i", tmp_path / "in", "-o", out, "--threshold", 0.3, "--skip-existing", "--save-detection-map",
+                "--save-labels") == 0  # (label maps were missing: counted again, detection maps rewritten)
+    capsys.readouterr()
+    # all present and matching: every case kept, JSONs and maps untouched
+    jsons = {b: (out / f"case_{b:02d}.json").read_text() for b in range(4)}
+    stamps = {b: os.stat(out / f"case_{b:02d}_detection.nii.gz").st_ino for b in range(4)}
+    assert _run("-i", tmp_path / "in", "-o", out, "--threshold", 0.3, "--skip-existing", "--save-detection-map",
+                "--save-labels") == 0
+    assert "counting" not in capsys.readouterr().err
+    assert all((out / f"case_{b:02d}.json").read_text() == jsons[b] for b in range(4))
+    assert all(os.stat(out / f"case_{b:02d}_detection.nii.gz").st_ino == stamps[b] for b in range(4))
+    # empty, truncated, stale (threshold 0.1 map beside a 0.3 JSON) and wrong-geometry maps are rewritten
+    (out / "case_00_detection.nii.gz").write_bytes(b"")
+    raw = (out / "case_01_detection.nii.gz").read_bytes()
+    (out / "case_01_detection.nii.gz").write_bytes(raw[: len(raw) // 2])
+    lesioncount.detection.write_detection_map(out / "case_02_detection.nii.gz", expected(2, 0.1), AFFINE)
+    lesioncount.detection.write_detection_map(out / "case_03_detection.nii.gz", expected(3, 0.3), np.eye(4))
+    assert _run("-i", tmp_path / "in", "-o", out, "--threshold", 0.3, "--skip-existing", "--save-detection-map") == 0
+    err = capsys.readouterr().err
+    assert "case_00_detection.nii.gz: empty (0 bytes)" in err and "case_01_detection.nii.gz: cannot decompress" in err
+    assert "case_02_detection.nii.gz: its values or their extents" in err and "case_03_detection.nii.gz: its affine differs" in err
+    for b in range(4):
+        dmap, img = _detection(out, f"case_{b:02d}")
+        np.testing.assert_array_equal(dmap, expected(b, 0.3))
+        np.testing.assert_allclose(img.affine, AFFINE, atol=1e-6)
+    assert [r["case"] for r in _csv(out / "summary.csv")] == [f"case_{b:02d}" for b in range(4)]
+    assert _csv(out / "errors.csv") == [] and _hidden_leftovers(out) == []
+    # --overwrite without the flag: the recomputed cases lose their detection maps (they would not match)
+    assert _run("-i", tmp_path / "in", "-o", out, "--threshold", 0.5, "--overwrite") == 0
+    assert not list(out.glob("*_detection.nii.gz"))
+    # maps written into the input folder are skipped as cases by later runs
+    folder = tmp_path / "in"
+    assert _run("-i", folder, "-o", folder, "--save-detection-map", "--save-labels") == 0
+    assert (folder / "case_00_detection.nii.gz").is_file()
+    capsys.readouterr()
+    assert main(["count", "-i", str(folder), "-o", str(tmp_path / "other")]) == 0
+    err = capsys.readouterr().err
+    assert "skipping 4 detection map(s)" in err and "skipping 4 label map(s)" in err
+    assert [r["case"] for r in _csv(tmp_path / "other" / "summary.csv")] == [f"case_{b:02d}" for b in range(4)]
+    assert _run("-i", folder, "-o", folder, "--skip-existing", "--save-detection-map") == 0  # same folder: kept
+    assert [r["case"] for r in _csv(folder / "summary.csv")] == [f"case_{b:02d}" for b in range(4)]

@@ -593,9 +593,30 @@ def check_mask(volume: Volume, mask: Volume) -> None:
 
 
 def _count_and_report(volume: Volume, settings: CountSettings, mask: Volume | None,
-                      labels_path=None, commit: bool = True):
+                      labels_path=None, commit: bool = True, *, detection_path=None):
     """(report without timings, count_s, write_s, label map file or None): the shared core of
-    :func:`count_file`, :func:`count_array` and ``lesioncount count``."""
+    :func:`count_file`, :func:`count_array` and ``lesioncount count``.
+
+    ``detection_path``: also write the detection map there (:func:`_count_and_write`); the return
+    value stays the same 4-tuple (use :func:`_count_and_write` to get the detection map's file).
+    """
+    report, count_s, write_s, written = _count_and_write(volume, settings, mask, labels_path, detection_path,
+                                                         commit=commit)
+    return report, count_s, write_s, written["labels"]
+
+
+def _count_and_write(volume: Volume, settings: CountSettings, mask: Volume | None, labels_path=None,
+                     detection_path=None, *, commit: bool = True):
+    """(report without timings, count_s, write_s, ``{"labels": file or None, "detection": file or None}``).
+
+    Counts one case and writes the candidate label map (``labels_path``) and the detection map
+    (``detection_path``: each candidate's voxels hold its p_k, float32, background 0;
+    :func:`lesioncount.detection.detection_map`), both with the input's affine and atomically; with
+    ``commit=False`` they are left as finished temporary files (the returned paths) for the caller
+    to ``os.replace`` onto their targets. If a write fails, files already written by this call are
+    removed.
+    """
+    import os
     import time
 
     t0 = time.perf_counter()
@@ -605,11 +626,27 @@ def _count_and_report(volume: Volume, settings: CountSettings, mask: Volume | No
     report = case_report(volume, counted, settings)
     count_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    written = None
-    if labels_path is not None:
-        from .io import write_label_map
+    written = {"labels": None, "detection": None}
+    result = counted.result
+    try:
+        if labels_path is not None:
+            from .io import write_label_map
 
-        written = write_label_map(labels_path, counted.result.labels[0].numpy(), volume.affine, commit=commit)
+            written["labels"] = write_label_map(labels_path, result.labels[0].numpy(), volume.affine, commit=commit)
+        if detection_path is not None:
+            from .detection import detection_map, write_detection_map
+
+            dmap = detection_map(result.labels[0], result.lesion_probs[0], result.lesion_ids[0])
+            written["detection"] = write_detection_map(detection_path, dmap, volume.affine, commit=commit)
+    except BaseException:
+        if not commit:  # committed files are complete outputs; temporary ones would be orphans
+            for path in written.values():
+                if path is not None:
+                    try:
+                        os.unlink(path)
+                    except OSError:
+                        pass
+        raise
     return report, count_s, time.perf_counter() - t0, written
 
 
@@ -635,7 +672,8 @@ def _mask_volume(mask, name: str) -> tuple[Volume | None, str | None]:
     return Volume(data, np.eye(4), name, pathlib.Path(f"{name}.npy")), "array"
 
 
-def count_file(path, *, mask=None, labels_path=None, missing_geometry: str = "error", **options) -> dict:
+def count_file(path, *, mask=None, labels_path=None, missing_geometry: str = "error", detection_path=None,
+               **options) -> dict:
     """Count one probability map file: the report ``lesioncount count`` writes as ``CASE.json``.
 
     Args:
@@ -645,6 +683,9 @@ def count_file(path, *, mask=None, labels_path=None, missing_geometry: str = "er
             (X, Y, Z) array / tensor on the map's grid (nonzero = inside).
         labels_path: optional ``.nii.gz`` / ``.nii`` file to write the candidate label map to
             (atomically, with the input's affine), like ``--save-labels``.
+        detection_path: optional ``.nii.gz`` / ``.nii`` file to write the detection map to (each
+            candidate's voxels hold its p_k, float32, background 0; atomically, with the input's
+            affine), like ``--save-detection-map``.
         missing_geometry: ``"error"`` or ``"identity"`` for an ``.npz`` without its sibling.
         **options: the counting settings, as in :class:`CountSettings` and the ``count`` options:
             ``threshold=0.1, connectivity=18, min_size=0, min_volume=None, max_count=4,
@@ -656,7 +697,7 @@ def count_file(path, *, mask=None, labels_path=None, missing_geometry: str = "er
         The case report dict (schema in this module's docstring), equal to the ``CASE.json``
         ``lesioncount count`` writes with the same settings except for ``timings_s``, which here
         holds ``read_s``, ``read_cpu_s`` (of the calling thread), ``count_s`` and ``write_s``
-        (the label map; 0 without ``labels_path``).
+        (the label and detection maps; 0 without ``labels_path`` / ``detection_path``).
 
     Raises:
         CaseReadError: the file (or mask file) cannot be read; ValueError: NaN, values outside
@@ -689,12 +730,13 @@ def count_file(path, *, mask=None, labels_path=None, missing_geometry: str = "er
     if options.get("channel") is None:
         options = {k: v for k, v in options.items() if k != "channel"}
     settings = _settings(options, mask_name)
-    report, count_s, write_s, _ = _count_and_report(volume, settings, mask_volume, labels_path)
+    report, count_s, write_s, _ = _count_and_write(volume, settings, mask_volume, labels_path, detection_path)
     report["timings_s"] = {"read_s": read_s, "read_cpu_s": read_cpu_s, "count_s": count_s, "write_s": write_s}
     return report
 
 
-def count_array(data, affine=None, *, name: str = "array", mask=None, labels_path=None, **options) -> dict:
+def count_array(data, affine=None, *, name: str = "array", mask=None, labels_path=None, detection_path=None,
+                **options) -> dict:
     """Count one in-memory 3-D map: the same report as :func:`count_file` for that map on disk.
 
     Args:
@@ -702,7 +744,7 @@ def count_array(data, affine=None, *, name: str = "array", mask=None, labels_pat
             ``from_logits=True``), in the voxel order of ``affine``.
         affine: (4, 4) voxel-to-world matrix (default: identity, 1 mm voxels).
         name: the case id written into the report (``case``; ``file`` is ``"<name>"``).
-        mask, labels_path, **options: as in :func:`count_file` (``channel`` does not apply).
+        mask, labels_path, detection_path, **options: as in :func:`count_file` (``channel`` does not apply).
 
     Example:
         >>> x = np.zeros((8, 8, 8), np.float32); x[2, 3, 4] = 0.7; x[6, 6, 6] = 0.4
@@ -723,6 +765,6 @@ def count_array(data, affine=None, *, name: str = "array", mask=None, labels_pat
     volume = Volume(np.ascontiguousarray(data), affine, name, pathlib.Path(f"<{name}>"))
     mask_volume, mask_name = _mask_volume(mask, name + "_mask")
     settings = _settings(options, mask_name)
-    report, count_s, write_s, _ = _count_and_report(volume, settings, mask_volume, labels_path)
+    report, count_s, write_s, _ = _count_and_write(volume, settings, mask_volume, labels_path, detection_path)
     report["timings_s"] = {"read_s": 0.0, "read_cpu_s": 0.0, "count_s": count_s, "write_s": write_s}
     return report

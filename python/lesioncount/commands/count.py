@@ -5,7 +5,8 @@ Usage::
     lesioncount count -i PRED_DIR_OR_FILE -o OUT_DIR [--threshold 0.1] [--connectivity 18]
                       [--min-size VOXELS | --min-volume MM3] [--max-count 4] [--from-logits]
                       [--channel 1] [--mask FILE_OR_DIR] [--device cpu|cuda] [--workers N] [--threads 1]
-                      [--num-parts N|auto --part-id I|auto] [--save-labels] [--overwrite | --skip-existing]
+                      [--num-parts N|auto --part-id I|auto] [--save-labels] [--save-detection-map]
+                      [--overwrite | --skip-existing]
 
 Inputs are what :func:`lesioncount.io.find_cases` lists: NIfTI maps, nnU-Net v2 ``CASE.npz``
 probabilities (geometry from the sibling ``CASE.nii.gz``) and ``.npy`` arrays.
@@ -22,6 +23,12 @@ Outputs in ``OUT_DIR``:
 - ``CASE_labels.nii.gz`` with ``--save-labels``: the candidate label map, with the input's affine
   (ids as in the lesion table). Such files in the input folder (OUT_DIR = input folder, now or in
   an earlier run) are not counted as cases: ``CASE_labels.nii.gz`` is skipped when ``CASE`` is a case.
+- ``CASE_detection.nii.gz`` with ``--save-detection-map``: the detection map
+  (:func:`lesioncount.detection.detection_map`), float32 with the input's affine and shape: each
+  candidate's voxels hold its existence probability p_k (the ``probability`` of its lesion-table
+  row), background 0; candidates do not overlap. This is the input of picai_eval-style detection
+  evaluators (which relabel it with 26-connectivity: count with ``--connectivity 26`` to get the same
+  candidates). Skipped as a case in the input folder like ``CASE_labels.nii.gz``.
 - ``summary.csv``: one row per case (:func:`lesioncount.report.summary_row`), in case order.
 - ``lesions.csv``: one row per lesion candidate of every case (:func:`lesioncount.report.lesion_rows`:
   case, lesion id, probability, size in voxels and mm^3, argmax voxel and its world mm, centroid mm).
@@ -36,8 +43,9 @@ Data safety:
 
 - Every file is written atomically (:func:`lesioncount.io.atomic_file`): a hidden temporary file
   ``.NAME.<pid>.<random>.tmp`` in ``OUT_DIR``, fsync'ed, then renamed over ``NAME``; a file is
-  either absent, the old one or complete, never partial. Label maps are written by the worker
-  threads to such temporary files and renamed, with the case's JSON, by the main thread.
+  either absent, the old one or complete, never partial. Label and detection maps are written by
+  the worker threads to such temporary files and renamed, with the case's JSON (the JSON last), by
+  the main thread.
 - One run per folder: the run holds an ``fcntl.flock`` lock on ``OUT_DIR/.lesioncount.lock``
   (removed at the end; the kernel drops it if the process dies). A second run into the same
   folder refuses at once (exit 2) naming the holder's pid and host. Shards (``--num-parts``) hold
@@ -47,9 +55,10 @@ Data safety:
 - Summaries always describe the case files present: at the start the run removes its own earlier
   ``summary/lesions/errors`` files (a shard also the folder-level merged ones, an unsharded run
   the shards' part files and manifests) and, with ``--overwrite``, the earlier ``CASE.json`` /
-  ``CASE_labels.nii.gz`` of its cases; at the end (also after SIGINT/SIGTERM) it writes them from
-  the cases it counted or kept. A case counted without ``--save-labels`` loses an earlier label
-  map (it would not match the new JSON). A run killed by SIGKILL leaves no summary, never a
+  ``CASE_labels.nii.gz`` / ``CASE_detection.nii.gz`` of its cases; at the end (also after
+  SIGINT/SIGTERM) it writes them from the cases it counted or kept. A case counted without
+  ``--save-labels`` (``--save-detection-map``) loses an earlier label (detection) map (it would not
+  match the new JSON). A run killed by SIGKILL leaves no summary, never a
   stale one; hidden temporary files of killed runs are removed by the next unsharded run.
 - SIGINT (Ctrl-C) / SIGTERM (e.g. ``scancel``): the cases being counted are abandoned (their
   temporary files removed), finished cases stay, the summaries are written (the cases not
@@ -69,7 +78,10 @@ Choices:
   ``summary.csv``, ``lesions.csv`` and ``errors.csv`` are always rewritten. With ``--save-labels``
   a kept case's ``CASE_labels.nii.gz`` must be readable and match its JSON (shape, affine, number
   of labels); a missing, empty, truncated or mismatched one makes the case be counted again (a note
-  on stderr), so every kept case ends with its label map.
+  on stderr), so every kept case ends with its label map. Likewise with ``--save-detection-map``: a
+  kept case's ``CASE_detection.nii.gz`` must be a readable float map with the JSON's shape and affine
+  whose nonzero values are exactly the JSON's lesion probabilities (one value per candidate); else
+  the case is counted again.
 - ``--num-parts N --part-id I``: the k-th case of the sorted list goes to part ``k % N``. On a
   SLURM job array ``--num-parts auto`` (``--part-id`` then defaults to ``auto``) takes
   ``N = SLURM_ARRAY_TASK_COUNT`` and ``I = (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) /
@@ -103,6 +115,7 @@ Python API: :func:`lesioncount.report.count_file` returns the report of one file
 Example::
 
     lesioncount count -i nnunet_predictions/ -o counts/ --min-volume 10 --save-labels
+    lesioncount count -i preds/ -o counts/ --connectivity 26 --save-detection-map   # for picai_eval
     sbatch --array=0-15 --wrap "lesioncount count -i preds/ -o counts/ --num-parts auto"  # then:
     lesioncount merge counts/
 """
@@ -181,6 +194,9 @@ def register(subparsers) -> None:
                    help="process shard i: cases k with k %% num_parts == i (default 0); 'auto': "
                         "SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN (divided by SLURM_ARRAY_TASK_STEP)")
     p.add_argument("--save-labels", action="store_true", help="write OUT_DIR/CASE_labels.nii.gz (input affine)")
+    p.add_argument("--save-detection-map", action="store_true",
+                   help="write OUT_DIR/CASE_detection.nii.gz: each candidate's voxels hold its p_k (float32, input "
+                        "affine, background 0), the detection map picai_eval-style evaluators read")
     existing = p.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="recompute cases whose CASE.json exists")
     existing.add_argument("--skip-existing", action="store_true",
@@ -345,31 +361,41 @@ def _process_case(path, args, settings, shared_mask, out_dir: pathlib.Path):
     """One case from file to report, in a worker thread (``--workers N``) or the main thread (0).
 
     Reads and decompresses the map (and its mask), counts, builds the report (the same as
-    :func:`lesioncount.report.count_file`) and writes the label map (``--save-labels``) to a hidden
-    temporary file; returns ``(report, JSON text, notes, label map temporary file or None)``. The
-    main thread renames the label map and writes the JSON, in case order; the text holds
+    :func:`lesioncount.report.count_file`) and writes the label map (``--save-labels``) and the
+    detection map (``--save-detection-map``) to hidden temporary files; returns ``(report, JSON
+    text, notes, temporary files)``, the last a dict ``{"labels": file or None, "detection": file or
+    None}``. The main thread renames the maps and writes the JSON, in case order; the text holds
     :data:`_WAIT_PLACEHOLDER` for ``wait_s``. Nothing large outlives the call.
     """
-    from ..report import _count_and_report
+    from ..report import _count_and_write
 
     volume, mask, (read_s, read_cpu_s), notes = _read_case(path, args, shared_mask)
     labels_path = out_dir / f"{volume.name}_labels.nii.gz" if args.save_labels else None
-    report, count_s, labels_s, labels_tmp = _count_and_report(volume, settings, mask, labels_path, commit=False)
+    detection_path = (out_dir / f"{volume.name}_detection.nii.gz"
+                      if getattr(args, "save_detection_map", False) else None)
+    report, count_s, maps_s, temps = _count_and_write(volume, settings, mask, labels_path, detection_path,
+                                                      commit=False)
     del volume, mask
     try:
         t0 = time.perf_counter()
         report["timings_s"] = {"read_s": read_s, "read_cpu_s": read_cpu_s, "wait_s": 0.0, "count_s": count_s,
                                "write_s": 0.0}
         text = _format_json(report)
-        write_s = labels_s + time.perf_counter() - t0  # label map + JSON formatting (not the final small write)
+        write_s = maps_s + time.perf_counter() - t0  # label/detection maps + JSON formatting (not the final write)
         report["timings_s"]["write_s"] = write_s
         text = text.replace('"wait_s": 0.0', f'"wait_s": {_WAIT_PLACEHOLDER}', 1)
         text = text.replace('"write_s": 0.0', f'"write_s": {json.dumps(write_s)}', 1)
     except BaseException:
-        if labels_tmp is not None:
-            _unlink(labels_tmp)
+        _unlink_temps(temps)
         raise
-    return report, text, notes, labels_tmp
+    return report, text, notes, temps
+
+
+def _unlink_temps(temps: dict) -> None:
+    """Remove the temporary map files of a case that is not written."""
+    for tmp in temps.values():
+        if tmp is not None:
+            _unlink(tmp)
 
 
 def _format_json(report, level: int = 0) -> str:
@@ -742,6 +768,43 @@ def _label_map_problem(path: pathlib.Path, report: dict) -> str | None:
     return None
 
 
+def _detection_map_problem(path: pathlib.Path, report: dict) -> str | None:
+    """Why the detection map of a kept case cannot be kept (missing, empty, unreadable, or not the
+    one its CASE.json describes: a float map of the case's shape and affine whose nonzero values are
+    the lesion probabilities of its lesion table, each on as many voxels as its candidates have), or None."""
+    from ..io import CaseReadError, _load_nifti
+
+    if not os.path.lexists(path):
+        return "missing"
+    try:
+        if path.stat().st_size == 0:
+            return "empty (0 bytes)"
+        array, affine = _load_nifti(path)
+    except CaseReadError as exc:
+        return exc.reason
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    if array.dtype.kind != "f":
+        return f"not a float detection map ({array.dtype})"
+    if list(array.shape) != list(report["shape"]):
+        return f"shape {list(array.shape)}, but the case has shape {report['shape']}"
+    if not np.allclose(affine, np.asarray(report["affine"]), rtol=1e-5, atol=1e-3):
+        return "its affine differs from the case's"
+    # each candidate's voxels hold its p_k: value -> voxel count must be p_k -> summed candidate sizes
+    values, counts = np.unique(array[array != 0], return_counts=True)
+    sizes: dict = collections.Counter()
+    for row in report["lesions"]:
+        sizes[np.float32(row["probability"])] += int(row["size_voxels"])
+    expected = sorted(sizes)
+    if values.size != len(expected):
+        return (f"it holds {values.size} distinct nonzero value(s), but the case's {len(report['lesions'])} "
+                f"candidate(s) have {len(expected)} distinct probabilities")
+    if not (np.array_equal(values.astype(np.float32), np.asarray(expected, np.float32))
+            and [int(c) for c in counts] == [sizes[v] for v in expected]):
+        return "its values or their extents are not the lesion probabilities and sizes of the case's JSON"
+    return None
+
+
 def _write_table(path: pathlib.Path, fields: list[str], rows) -> None:
     from ..io import atomic_file
 
@@ -787,20 +850,26 @@ def _run(args: argparse.Namespace, guard: SignalGuard) -> int:
     except (_UsageError, FileNotFoundError, CaseReadError) as exc:
         return fail(str(exc))
     if args.input.is_dir():
-        # never count the mask or this command's own label maps as cases when they sit in the input folder
+        # never count the mask or this command's own label / detection maps as cases when they sit in the
+        # input folder
         skip = {args.mask.resolve()} if args.mask is not None and args.mask.is_file() else set()
         same_folder = args.output.exists() and args.output.resolve() == args.input.resolve()
-        # CASE_labels.nii.gz next to CASE is what --save-labels wrote into this folder (now or in an earlier
-        # run with -o = this folder): an integer label map, which a single lesion would make look like a
-        # valid 0/1 probability map
+        # CASE_labels.nii.gz / CASE_detection.nii.gz next to CASE is what --save-labels /
+        # --save-detection-map wrote into this folder (now or in an earlier run with -o = this folder): an
+        # integer label map, which a single lesion would make look like a valid 0/1 probability map, and a
+        # map of p_k values, which would be counted as a (blocky) probability map
         names = {case_name(p) for p in all_cases}
-        own_labels = {p for p in all_cases if p.name.endswith("_labels.nii.gz")
-                      and (same_folder or case_name(p)[: -len("_labels")] in names)}
-        if own_labels and not same_folder and not args.quiet:
-            print(f"lesioncount count: note: skipping {len(own_labels)} label map(s) written by --save-labels "
-                  f"(CASE_labels.nii.gz next to CASE), e.g. {min(own_labels).name}", file=sys.stderr)
+        own_maps = {}
+        for kind, flag in (("labels", "--save-labels"), ("detection", "--save-detection-map")):
+            found = {p for p in all_cases if p.name.endswith(f"_{kind}.nii.gz")
+                     and (same_folder or case_name(p)[: -len(f"_{kind}")] in names)}
+            own_maps.update(dict.fromkeys(found))
+            if found and not same_folder and not args.quiet:
+                print(f"lesioncount count: note: skipping {len(found)} {'label' if kind == 'labels' else kind} "
+                      f"map(s) written by {flag} (CASE_{kind}.nii.gz next to CASE), e.g. {min(found).name}",
+                      file=sys.stderr)
         # (os.path.realpath, not Path.resolve: a symbolic link loop must reach the reader and errors.csv)
-        all_cases = [p for p in all_cases if p not in own_labels
+        all_cases = [p for p in all_cases if p not in own_maps
                      and not (skip and pathlib.Path(os.path.realpath(p)) in skip)]
     if not all_cases:
         return fail(f"{args.input}: no case files (.nii, .nii.gz, .npz, .npy) found")
@@ -842,6 +911,8 @@ def _run_locked(args, guard, fail, all_cases, cases, settings, out_dir, exclusiv
 
     json_paths = [out_dir / f"{case_name(p)}.json" for p in cases]
     labels_paths = [out_dir / f"{case_name(p)}_labels.nii.gz" for p in cases]
+    detection_paths = [out_dir / f"{case_name(p)}_detection.nii.gz" for p in cases]
+    save_detection = getattr(args, "save_detection_map", False)
     existing = [p for p in json_paths if p.exists()]
     if existing and not (args.overwrite or args.skip_existing):
         shown = ", ".join(p.name for p in existing[:5]) + (" ..." if len(existing) > 5 else "")
@@ -862,8 +933,9 @@ def _run_locked(args, guard, fail, all_cases, cases, settings, out_dir, exclusiv
         stale = _stale_outputs(out_dir, args)
         if exclusive:  # nobody else writes here: hidden temporary files are leftovers of killed runs
             stale += [p for p in out_dir.iterdir() if _TEMP_RE.match(p.name)]
-        if args.overwrite:  # this run's cases get new outputs: never an old label map beside a new JSON
-            stale += [p for pair in zip(json_paths, labels_paths) for p in pair if os.path.lexists(p)]
+        if args.overwrite:  # this run's cases get new outputs: never an old label/detection map beside a new JSON
+            stale += [p for group in zip(json_paths, labels_paths, detection_paths) for p in group
+                      if os.path.lexists(p)]
         for path in stale:
             try:
                 _unlink(path)
@@ -879,7 +951,7 @@ def _run_locked(args, guard, fail, all_cases, cases, settings, out_dir, exclusiv
     todo = []
     bar = None
     pool = None
-    live: set = set()  # futures whose label map temporary file is not yet renamed or removed
+    live: set = set()  # futures whose map temporary files are not yet renamed or removed
     interrupted = None
     t_start = time.perf_counter()
 
@@ -911,24 +983,31 @@ def _run_locked(args, guard, fail, all_cases, cases, settings, out_dir, exclusiv
                     errors[index] = (case_name(path), str(path),
                                      f"existing {json_path.name} unusable: {exc}; use --overwrite")
                     continue
-                if args.save_labels:
+                if args.save_labels or save_detection:
                     relabel.append((index, path, json_path, report, row, lesion))
                     continue
                 rows[index], lesions[index] = row, lesion
                 totals["kept"] += 1
                 continue
             todo.append((index, path, json_path))
-        if relabel:  # --skip-existing --save-labels: a kept case needs a complete label map
-            checks = [_label_map_problem(labels_paths[r[0]], r[3]) for r in relabel]
+        if relabel:  # --skip-existing --save-labels / --save-detection-map: a kept case needs complete maps
             redo = []
-            for (index, path, json_path, report, row, lesion), problem in zip(relabel, checks):
-                if problem is None:
+            for index, path, json_path, report, row, lesion in relabel:
+                problems = []
+                if args.save_labels:
+                    problems.append((labels_paths[index], _label_map_problem(labels_paths[index], report)))
+                if save_detection:
+                    problems.append((detection_paths[index],
+                                     _detection_map_problem(detection_paths[index], report)))
+                problems = [(map_path, problem) for map_path, problem in problems if problem is not None]
+                if not problems:
                     rows[index], lesions[index] = row, lesion
                     totals["kept"] += 1
                 else:
                     redo.append((index, path, json_path))
-                    say(f"lesioncount count: note: {labels_paths[index].name}: {problem}; counting {path.name} "
-                        f"again to write it")
+                    for map_path, problem in problems:
+                        say(f"lesioncount count: note: {map_path.name}: {problem}; counting {path.name} "
+                            f"again to write it")
             todo = sorted(todo + redo)
 
         if len(todo) > 1 and not args.quiet and available("tqdm"):
@@ -971,7 +1050,7 @@ def _run_locked(args, guard, fail, all_cases, cases, settings, out_dir, exclusiv
                     submit_next()
                     report_error(index, path, exc)
                 else:
-                    report, text, notes, labels_tmp = result
+                    report, text, notes, temps = result
                     wait_s = time.perf_counter() - t_wait
                     with guard.critical():  # a case's files and its summary rows go together
                         pending.popleft()
@@ -979,16 +1058,17 @@ def _run_locked(args, guard, fail, all_cases, cases, settings, out_dir, exclusiv
                         for message in notes:
                             say(f"lesioncount count: warning: {message}")
                         try:
-                            labels_path = labels_paths[index]
-                            if labels_tmp is not None:
-                                os.replace(labels_tmp, labels_path)
-                            else:  # a label map left by an earlier run does not belong to this JSON
-                                _unlink(labels_path)
+                            for kind, map_path in (("labels", labels_paths[index]),
+                                                   ("detection", detection_paths[index])):
+                                if temps[kind] is not None:
+                                    os.replace(temps[kind], map_path)
+                                    temps[kind] = None
+                                else:  # a map left by an earlier run does not belong to this JSON
+                                    _unlink(map_path)
                             report["timings_s"]["wait_s"] = wait_s
                             _write_json(json_path, text.replace(_WAIT_PLACEHOLDER, json.dumps(wait_s), 1))
                         except OSError as exc:
-                            if labels_tmp is not None:
-                                _unlink(labels_tmp)
+                            _unlink_temps(temps)
                             report_error(index, path, exc)
                         else:
                             timings = report["timings_s"]
@@ -1004,11 +1084,9 @@ def _run_locked(args, guard, fail, all_cases, cases, settings, out_dir, exclusiv
         guard.defer()  # from here on signals are only recorded: the clean-up and the summaries run to the end
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-        for future in live:  # finished cases never written: their label maps go
+        for future in live:  # finished cases never written: their label and detection maps go
             if future.done() and not future.cancelled() and future.exception() is None:
-                labels_tmp = future.result()[3]
-                if labels_tmp is not None:
-                    _unlink(labels_tmp)
+                _unlink_temps(future.result()[3])
         if bar is not None:
             bar.close()
     interrupted = interrupted or guard.received
