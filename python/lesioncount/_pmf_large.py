@@ -286,13 +286,20 @@ def full_pmf_large(probs: torch.Tensor, max_count: int | None = None, log: bool 
         (B, M+1) in ``probs``' dtype, computed in float64; differentiable in ``probs`` (the
         gradient is taken through the same tree, O(K log^2 K)).
 
-    Accuracy (float64, against the float64 dynamic program): every bin, however far in the
-    tail, has a relative error of about 1e-13 * sqrt(K) or less (each bin is read from a product
-    tilted so that the bin is within e^12 of the product's largest term): the log-pmf is
-    accurate down to the smallest float64 logs, e.g. log P(C = 0) = sum log(1 - p_k) even when
-    that is -1e6. Absolute pmf errors are below 1e-15 for K <= 2*10^4 in the tests. Bins that are
-    exactly zero (fewer than the number of p = 1, more than the number of p > 0) are exactly 0
-    (-inf in log). The gradient of a -inf log bin is taken as 0.
+    Accuracy (float64; measured against the float64 DP and exact rationals in
+    tests/test_pmf_large.py):
+
+    * ``log=False``: a plain FFT product tree; absolute error <= ~1e-15 per bin (K <= 2*10^4:
+      < 1e-13 in the tests, typically 1e-16). FFT rounding is absolute, so bins below ~1e-15
+      (e.g. the far tails, or a tail bin P(C >= M) ~ 1e-150) are rounding noise in [0, 1e-15]
+      (negatives are clamped to 0): use ``log=True`` for them.
+    * ``log=True``: every bin, however far in the tail, is read from a product tilted so that
+      the bin is within e^5 of that product's largest term: relative error ~1e-14 per tree
+      level, i.e. the log-pmf is exact to ~1e-12 (absolute, for |log P| <= 1, or relative to
+      |log P| beyond), down to bins like log P(C = 0) = sum log(1 - p_k) = -3e4. The tail bin
+      is a logsumexp of the upper bins. This path is ~30x slower than ``log=False``.
+    * Bins that are exactly zero (fewer counts than the p = 1 candidates, more than the p > 0
+      ones) are exactly 0 (-inf in log); the gradient of a -inf log bin is taken as 0.
 
     Example:
         >>> full_pmf_large(torch.tensor([[0.5189, 0.7840]]), max_count=4)
