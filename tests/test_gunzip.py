@@ -154,6 +154,11 @@ def _nifti_cases(tmp_path):
     return cases
 
 
+def _read_map(path):
+    """read_probability_map naming the channel of the 4-D file (a multi-volume NIfTI is not guessed)."""
+    return read_probability_map(path, channel=1 if path.name == "channels.nii.gz" else None)
+
+
 def _nibabel_reference(path, channel=1):
     data = np.asanyarray(nib.load(str(path)).dataobj)
     if data.ndim == 4:
@@ -167,12 +172,15 @@ def _nibabel_reference(path, channel=1):
 def test_read_probability_map_gives_nibabels_arrays_with_every_backend(backend, tmp_path, fresh_selection):
     set_gzip_backend(backend)
     for path in _nifti_cases(tmp_path):
-        vol = read_probability_map(path)
+        vol = _read_map(path)
         ref = _nibabel_reference(path)
         assert vol.data.dtype == ref.dtype and vol.data.shape == ref.shape, path.name
         assert vol.data.tobytes() == ref.tobytes(), path.name  # byte-identical, C order
         assert vol.data.flags.c_contiguous and vol.data.flags.writeable, path.name
         np.testing.assert_array_equal(vol.affine, nib.load(str(path)).affine)
+        if path.name == "channels.nii.gz":
+            with pytest.raises(CaseReadError, match="holds 3 volumes.*channel=N"):
+                read_probability_map(path)
         mask = read_mask(path) if path.name != "channels.nii.gz" else None
         if mask is not None:
             stored = np.asanyarray(nib.load(str(path)).dataobj)
@@ -182,17 +190,17 @@ def test_read_probability_map_gives_nibabels_arrays_with_every_backend(backend, 
 
 def test_fallback_to_zlib_when_the_fast_libraries_are_missing(tmp_path, fresh_selection, monkeypatch):
     paths = _nifti_cases(tmp_path)
-    fast = {p: read_probability_map(p).data for p in paths}  # the preferred backend
+    fast = {p: _read_map(p).data for p in paths}  # the preferred backend
     _hide_fast_libraries(monkeypatch)
     monkeypatch.setattr(_gunzip, "_selected", None)
     assert gzip_backend() == "zlib"
     assert _gunzip._current()[1] is zlib
     for path in paths:
-        data = read_probability_map(path).data
+        data = _read_map(path).data
         assert data.tobytes() == fast[path].tobytes() == _nibabel_reference(path).tobytes(), path.name
     for name in ("isal", "zlib-ng"):
         with pytest.raises(MissingExtraError, match=rf"name='{name}': the {name} package is not installed: "
-                                                    r"pip install 'lesioncount\[io\]'"):
+                                                    rf"pip install {name} .*the lesioncount\[io\] extra"):
             set_gzip_backend(name)
     assert gzip_backend() == "zlib"  # a failed choice keeps the current one
 
@@ -290,7 +298,11 @@ def test_count_outputs_are_byte_identical_across_libraries_workers_and_the_fallb
         return _outputs_without_timings(out)
 
     expected = run("serial_zlib", "--workers", "0")
-    assert len(expected) == 5 * 2 + 2  # CASE.json + CASE_labels.nii.gz per case, summary.csv, errors.csv
+    # CASE.json + CASE_labels.nii.gz per case, summary.csv, lesions.csv, errors.csv; no lock or temporary file left
+    assert len(expected) == 5 * 2 + 3
+    assert sorted(expected) == sorted([f"case_{b:02d}{end}" for b in range(5) for end in (".json", "_labels.nii.gz")]
+                                      + ["errors.csv", "lesions.csv", "summary.csv"])
+    assert expected["lesions.csv"].count(b"\n") > 5  # a header and at least one row per case, compared below
     for backend in BACKENDS:
         set_gzip_backend(backend)
         for workers in ("0", "1", "3"):
