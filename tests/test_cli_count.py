@@ -939,7 +939,8 @@ def test_detection_maps_under_skip_existing_overwrite_and_in_the_input_folder(tm
     assert _run("-i", tmp_path / "in", "-o", out, "--threshold", 0.3, "--skip-existing", "--save-detection-map") == 0
     err = capsys.readouterr().err
     assert "case_00_detection.nii.gz: empty (0 bytes)" in err and "case_01_detection.nii.gz: cannot decompress" in err
-    assert "case_02_detection.nii.gz: its values or their extents" in err and "case_03_detection.nii.gz: its affine differs" in err
+    assert "case_02_detection.nii.gz: its values or their extents" in err
+    assert "case_03_detection.nii.gz: its affine differs" in err
     for b in range(4):
         dmap, img = _detection(out, f"case_{b:02d}")
         np.testing.assert_array_equal(dmap, expected(b, 0.3))
