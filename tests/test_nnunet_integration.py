@@ -302,3 +302,235 @@ def test_trainer_dir_is_found_by_nnunet(nnunet_env, monkeypatch):
 
     monkeypatch.setenv("nnUNet_extTrainer", str(TRAINER_DIR))
     assert recursive_find_trainer_class_by_name("nnUNetTrainerCount") is nnUNetTrainerCount
+
+
+# ------------------------------------------- nnU-Net's own commands and lesioncount nnunet-predict
+MODEL_FOLD = "4"
+TEST_CASES = ("phantom_001", "phantom_003", "phantom_005")
+NNUNET_COMMANDS_REASON = ("nnU-Net's own train/predict commands search nnU-Net's trainer package, whose Primus "
+                          "trainers import timm -> torchvision (make test-integration builds .venv-integration)")
+
+
+def _nnunet_commands_available() -> bool:
+    """True where nnU-Net's trainer search imports (timm with a torchvision matching torch)."""
+    try:
+        import timm  # noqa: F401
+        import torchvision  # noqa: F401
+    except Exception:  # noqa: BLE001 - PyPI's torchvision beside a CPU torch fails with RuntimeError
+        return False
+    return True
+
+
+def _require_nnunet_commands():
+    if not _nnunet_commands_available():
+        if os.environ.get("LESIONCOUNT_REQUIRE_NNUNET_COMMANDS") == "1":
+            pytest.fail(NNUNET_COMMANDS_REASON)
+        pytest.skip(NNUNET_COMMANDS_REASON)
+
+
+def _bin(name: str) -> str:
+    path = pathlib.Path(sys.executable).with_name(name)
+    return str(path) if path.exists() else name
+
+
+def _run(cmd, env, timeout=900):
+    proc = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def nnunet_model(nnunet_env):
+    """A count-trainer model of fold 4 (2 iterations): trained by the real ``nnUNetv2_train -tr
+    nnUNetTrainerCount`` (trainer found through ``nnUNet_extTrainer``) where nnU-Net's trainer search
+    imports, else by ``lesioncount nnunet-train``; plus a folder of test images (3 cases)."""
+    from lesioncount.nnunet import TRAINER_DIR
+
+    env = dict(os.environ, **nnunet_env["env"])
+    for k in COUNT_ENV:
+        env.pop(k, None)
+    env.update(nnUNet_extTrainer=str(TRAINER_DIR), LESIONCOUNT_NNUNET_NUM_EPOCHS="1",
+               LESIONCOUNT_NNUNET_ITERATIONS_PER_EPOCH="2", LESIONCOUNT_NNUNET_VAL_ITERATIONS_PER_EPOCH="1",
+               LESIONCOUNT_NNUNET_PRETRAIN_EPOCHS="0")
+    real = _nnunet_commands_available()
+    if real:
+        cmd = [_bin("nnUNetv2_train"), DATASET_ID, "3d_fullres", MODEL_FOLD, "-tr", "nnUNetTrainerCount", "-device", "cpu"]
+    else:
+        cmd = [sys.executable, "-m", "lesioncount", "nnunet-train", DATASET_ID, "3d_fullres", MODEL_FOLD, "-device", "cpu"]
+    _run(cmd, env)
+    root = nnunet_env["root"]
+    images = root / "imagesTs"
+    images.mkdir(exist_ok=True)
+    raw = root / "raw" / DATASET
+    for case in TEST_CASES:
+        for p in (raw / "imagesTr").glob(f"{case}_*.nii.gz"):
+            (images / p.name).write_bytes(p.read_bytes())
+    labels = root / "labelsTs"
+    labels.mkdir(exist_ok=True)
+    for case in TEST_CASES:
+        (labels / f"{case}.nii.gz").write_bytes((raw / "labelsTr" / f"{case}.nii.gz").read_bytes())
+    env.pop("LESIONCOUNT_NNUNET_NUM_EPOCHS")
+    return {"env": env, "images": images, "labels": labels, "root": root, "trained_by_nnunet": real}
+
+
+def _predict_cmd(images, out, *extra):
+    return [sys.executable, "-m", "lesioncount", "nnunet-predict", "-i", images, "-o", out, "-d", DATASET_ID,
+            "-c", "3d_fullres", "-f", MODEL_FOLD, "-device", "cpu", "--disable_progress_bar", *extra]
+
+
+def _reports(folder: pathlib.Path) -> dict:
+    """CASE.json files of a folder, without their timings."""
+    out = {}
+    for case in TEST_CASES:
+        report = json.loads((folder / f"{case}.json").read_text())
+        assert set(report["timings_s"]) and all(v >= 0 for v in report["timings_s"].values())
+        report.pop("timings_s")
+        out[case] = report
+    return out
+
+
+def _summary(path: pathlib.Path) -> list:
+    import csv
+
+    with open(path) as f:
+        return [{k: v for k, v in row.items() if not k.endswith("_s")} for row in csv.DictReader(f)]
+
+
+def test_nnunet_own_commands_then_count_equals_nnunet_predict(nnunet_model, tmp_path):
+    """The README's route with nnU-Net's own commands: ``nnUNetv2_train -tr nnUNetTrainerCount``
+    (the fixture), ``nnUNetv2_predict -tr nnUNetTrainerCount --save_probabilities``, ``lesioncount
+    count`` on its output; ``lesioncount nnunet-predict`` writes the same CASE.json and summary.csv
+    (timings aside), with and without the .npz."""
+    _require_nnunet_commands()
+    assert nnunet_model["trained_by_nnunet"]
+    env, images = nnunet_model["env"], nnunet_model["images"]
+    pred = tmp_path / "pred"
+    _run([_bin("nnUNetv2_predict"), "-i", images, "-o", pred, "-d", DATASET_ID, "-c", "3d_fullres", "-f", MODEL_FOLD,
+          "-tr", "nnUNetTrainerCount", "-device", "cpu", "--save_probabilities", "-npp", "1", "-nps", "1",
+          "--disable_progress_bar"], env)
+    assert sorted(p.name for p in pred.glob("*.npz")) == [f"{c}.npz" for c in TEST_CASES]
+    counts = tmp_path / "counts"
+    _run([sys.executable, "-m", "lesioncount", "count", "-i", pred, "-o", counts, "--workers", "0"], env)
+    expected = _reports(counts)
+    assert all(r["file"] == str(pred / f"{c}.npz") for c, r in expected.items())
+
+    # in memory, with the .npz asked for: the same reports (file included), the same .npz and segmentation
+    ours = tmp_path / "ours_npz"
+    _run(_predict_cmd(images, ours, "--save_probabilities", "-npp", "1", "-nps", "1", "--count-output", ours / "c"), env)
+    got = _reports(ours / "c")
+    for case in TEST_CASES:
+        got[case]["file"] = got[case]["file"].replace(str(ours), str(pred))
+    assert got == expected
+    assert _summary(ours / "c" / "summary.csv") == _summary(counts / "summary.csv")
+    for case in TEST_CASES:
+        a = np.load(pred / f"{case}.npz")["probabilities"]
+        b = np.load(ours / f"{case}.npz")["probabilities"]
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(np.asarray(nib.load(str(pred / f"{case}.nii.gz")).dataobj),
+                                      np.asarray(nib.load(str(ours / f"{case}.nii.gz")).dataobj))
+
+    # no .npz (the default), everything in this process (-npp 0 -nps 0): same reports but `file`
+    plain = tmp_path / "ours"
+    _run(_predict_cmd(images, plain, "-npp", "0", "-nps", "0"), env)
+    assert not list(plain.glob("*.npz")) and not list(plain.glob("*.pkl"))
+    got = _reports(plain)
+    for case in TEST_CASES:
+        assert got[case].pop("file") == str(plain / f"{case}.nii.gz")
+        expected[case].pop("file")
+    assert got == expected
+    assert _summary(plain / "summary.csv") == _summary(counts / "summary.csv")
+    assert (plain / "errors.csv").read_text().strip() == "case,file,error"
+
+    # lesioncount evaluate on nnU-Net's output, in the same environment (torchmetrics -> torchvision imports)
+    _run([sys.executable, "-m", "lesioncount", "evaluate", "-p", pred, "-g", nnunet_model["labels"], "-o",
+          tmp_path / "eval", "-q"], env)
+    assert (tmp_path / "eval" / "report.md").is_file()
+    rows = _summary(tmp_path / "eval" / "per_case.csv")
+    assert sorted({r["case"] for r in rows}) == list(TEST_CASES)
+
+
+def test_readme_monai_snippet_in_the_same_environment():
+    """The README's MONAI block runs (stand-ins for the user's logits and labels)."""
+    pytest.importorskip("monai")
+    _require_nnunet_commands()
+    readme = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+    blocks = readme.read_text().split("```python\n")[1:]
+    block = next(b.split("```")[0] for b in blocks if "from lesioncount.monai import" in b)
+    standins = ("import torch\ntorch.manual_seed(0)\n"
+                "logits = torch.randn(2, 2, 8, 16, 16); label = (torch.rand(2, 1, 8, 16, 16) > 0.97).long()\n"
+                "val_logits = torch.randn(2, 2, 8, 16, 16); val_label = (torch.rand(2, 1, 8, 16, 16) > 0.97).long()\n")
+    check = ("\nimport math\nassert math.isfinite(float(loss)), loss\n"
+             "assert all(math.isfinite(float(v)) for v in (accuracy, f1, ece))\n"
+             "assert abs(float(items[0]['pred_count_pmf'].sum()) - 1) < 1e-5\nprint('MONAI snippet ok')\n")
+    proc = subprocess.run([sys.executable, "-c", standins + block + check], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "MONAI snippet ok" in proc.stdout, proc.stderr[-4000:]
+
+
+def test_nnunet_predict_counts_in_memory(nnunet_model, tmp_path):
+    """``lesioncount nnunet-predict`` (also where nnU-Net's own commands cannot import): the segmentation,
+    a CASE.json per case equal to `lesioncount count` on its --save_probabilities output, no .npz by default,
+    shards, --continue_prediction and its settings check."""
+    env, images = nnunet_model["env"], nnunet_model["images"]
+    env = {k: v for k, v in env.items() if k != "nnUNet_extTrainer"}  # our trainer is resolved directly
+    out = tmp_path / "pred"
+    _run(_predict_cmd(images, out, "-npp", "0", "-nps", "1", "--save_probabilities", "--max-count", "3",
+                      "--save-labels"), env)
+    counts = tmp_path / "counts"
+    _run([sys.executable, "-m", "lesioncount", "count", "-i", out, "-o", counts, "--max-count", "3"], env)
+    expected = _reports(counts)
+    assert _reports(out) == expected
+    assert _summary(out / "summary.csv") == _summary(counts / "summary.csv")
+    assert sorted(p.name for p in out.glob("*_labels.nii.gz")) == [f"{c}_labels.nii.gz" for c in TEST_CASES]
+    assert expected[TEST_CASES[0]]["settings"]["max_count"] == 3
+
+    # shard 1 of 2: the second case only; no .npz
+    part = tmp_path / "part"
+    _run(_predict_cmd(images, part, "-npp", "0", "-nps", "0", "-num_parts", "2", "-part_id", "1",
+                      "--max-count", "3"), env)
+    assert sorted(p.name for p in part.glob("*.nii.gz")) == [f"{TEST_CASES[1]}.nii.gz"]
+    assert not list(part.glob("*.npz"))
+    rows = _summary(part / "summary.part-1-of-2.csv")
+    assert [r["case"] for r in rows] == [TEST_CASES[1]]
+    assert rows == [r for r in _summary(counts / "summary.csv") if r["case"] == TEST_CASES[1]]
+
+    # --continue_prediction keeps a case that is predicted and counted, and refuses one counted otherwise
+    before = (part / f"{TEST_CASES[1]}.json").read_text()
+    proc = _run(_predict_cmd(images, part, "-npp", "0", "-nps", "0", "-num_parts", "2", "-part_id", "1",
+                             "--max-count", "3", "--continue_prediction"), env)
+    assert "1 of 1 case(s) already predicted and counted" in proc.stdout
+    assert (part / f"{TEST_CASES[1]}.json").read_text() == before
+    proc = subprocess.run([str(c) for c in _predict_cmd(images, part, "-npp", "0", "-nps", "0", "-num_parts", "2",
+                                                         "-part_id", "1", "--continue_prediction")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "max_count 3 (now 4)" in (part / "errors.part-1-of-2.csv").read_text()
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--threshold", "1.5"], "--threshold must be a probability"),
+    (["--channel", "2"], "--channel 2 out of range: the model predicts 2 channels"),
+    (["-part_id", "2", "-num_parts", "2"], "-part_id must satisfy"),
+    (["-f", "3"], "no checkpoint_final.pth for fold(s) [3]"),
+])
+def test_nnunet_predict_rejects_bad_arguments(nnunet_model, tmp_path, extra, match):
+    proc = subprocess.run([str(c) for c in _predict_cmd(nnunet_model["images"], tmp_path / "o", *extra)],
+                          env=nnunet_model["env"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert match in proc.stderr
+
+
+def test_nnunet_predict_count_options_match_count():
+    """nnunet-predict's counting options have count's names and defaults."""
+    from lesioncount.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    count, predict = sub.choices["count"], sub.choices["nnunet-predict"]
+    names = ["threshold", "connectivity", "min_size", "min_volume", "max_count", "channel", "baseline_threshold",
+             "save_labels"]
+    defaults = lambda p: {a.dest: (a.default, a.choices, a.option_strings) for a in p._actions if a.dest in names}  # noqa: E731
+    ours, theirs = defaults(predict), defaults(count)
+    assert len(theirs) == len(names)
+    # count's --channel default None reads nnU-Net .npz files as channel 1 (and records 1 in CASE.json)
+    assert ours.pop("channel") == (1, None, ["--channel"]) and theirs.pop("channel")[0] in (None, 1)
+    assert ours == theirs
