@@ -12,7 +12,11 @@ not matter for the timing) and predicts ``--cases`` cases with three pipelines, 
 
 Reports the medians over rounds of each pipeline's wall time (process start included: every
 pipeline starts one or two fresh processes), the per-case overhead of ``in_memory`` over ``plain``
-and the time ``in_memory`` saves against ``saved``. Needs nnU-Net's own commands to import
+and the time ``in_memory`` saves against ``saved``, and the medians of nnunet-predict's own per-case
+timings (``CASE.json``: predict_s, export_s, count_s, write_s). ``nnUNetv2_predict`` starts with
+nnU-Net's trainer search, which imports every trainer module nnU-Net ships (timm, torchvision);
+``nnunet-predict`` resolves its trainer directly, so whole-command differences mix that start-up
+difference with the per-case cost. Needs nnU-Net's own commands to import
 (make test-integration's .venv-integration: timm with a matching torchvision).
 
     .venv-integration/bin/python benchmarks/bench_nnunet_predict.py --cases 4 --rounds 3 --json out/nnunet_predict.json
@@ -98,12 +102,17 @@ def main(argv=None) -> int:
 
     pipelines = {"plain": plain, "in_memory": in_memory, "saved": saved}
     times = {k: [] for k in pipelines}
+    case_timings = {}  # nnunet-predict's own per-case timings (CASE.json timings_s), over every round
     names = list(pipelines)
     for r in range(args.rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
             out = root / f"out_{name}_{r}"
             times[name].append(pipelines[name](out))
+            if name == "in_memory":
+                for path in out.glob("*.json"):
+                    for key, value in json.loads(path.read_text()).get("timings_s", {}).items():
+                        case_timings.setdefault(key, []).append(value)
             shutil.rmtree(out)
             print(f"round {r} {name}: {times[name][-1]:.2f} s", file=sys.stderr)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -114,6 +123,7 @@ def main(argv=None) -> int:
         "overhead_per_case_s": (med["in_memory"] - med["plain"]) / args.cases,
         "saved_vs_npz_then_count_s": med["saved"] - med["in_memory"],
         "saved_vs_npz_then_count_per_case_s": (med["saved"] - med["in_memory"]) / args.cases,
+        "in_memory_case_median_s": {k: statistics.median(v) for k, v in case_timings.items()},
     }
     print(json.dumps(result, indent=1))
     if args.json:
