@@ -235,14 +235,7 @@ def test_use_large_path():
     assert use_large_path(10**5, 50_000)  # M large but < K
 
 
-# ---- the public function, once ops.poisson_binomial dispatches to the large path ----
-_wired = pytest.mark.xfail(
-    reason="lesioncount.poisson_binomial does not yet dispatch to _pmf_large (lead wires it)",
-    strict=False,
-)
-
-
-@_wired
+# ---- the public function dispatches to the large path ----
 def test_public_poisson_binomial_uses_large_path(monkeypatch):
     import lesioncount._pmf_large as pl
 
@@ -260,7 +253,6 @@ def test_public_poisson_binomial_uses_large_path(monkeypatch):
     torch.testing.assert_close(out, real(p, None), rtol=0, atol=0)
 
 
-@_wired
 @pytest.mark.parametrize("log", [False, True])
 def test_public_poisson_binomial_large_m_below_k(monkeypatch, log):
     # M large but < K: the large path too, with the tail bin from the upper bins

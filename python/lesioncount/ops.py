@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from . import _ops, _reference
+from . import _ops, _pmf_large, _reference
 from ._validation import (
     MAX_SIZE_ARGUMENT,
     canonical_spatial,
@@ -160,6 +160,10 @@ def poisson_binomial(probs: torch.Tensor, max_count: int | None = None, log: boo
     check_nonneg_int(max_count, "max_count", maximum=MAX_SIZE_ARGUMENT)
     check_bool(log, "log")
     check_bool(from_logits, "from_logits")
+    if not tracing() and _pmf_large.use_large_path(probs.shape[1], max_count, log):
+        # many candidates and bins (the full pmf of a noisy map): the O(K log^2 K) product tree
+        # instead of the O(K*M) DP, to float64 accuracy (lesioncount._pmf_large)
+        return _pmf_large.full_pmf_large(probs, max_count, log, from_logits)
     compiled = _use_compiled("poisson_binomial", probs)
     # The compiled kernels reject NaN and out-of-range values themselves while reading them (on CUDA
     # through a device-side assertion, without a host sync).
