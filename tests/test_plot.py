@@ -124,5 +124,5 @@ def test_missing_matplotlib_names_the_plot_extra(monkeypatch):
         return real(name, *a, **k)
 
     monkeypatch.setattr(_extras.importlib, "import_module", fake_import)
-    with pytest.raises(MissingExtraError, match=r"pip install 'lesioncount\[plot\]'"):
+    with pytest.raises(MissingExtraError, match=r"pip install --no-build-isolation '\.\[plot\]'"):
         plot.plot_threshold_sweep([0.1], {"a": [1.0]}, "x")
