@@ -117,3 +117,40 @@ def test_lidc_study_cli(tmp_path, capsys):
         metrics = list(csv.DictReader(fh))
     assert len(metrics) == 8
     assert "FROC vs >=3 readers" in capsys.readouterr().out
+
+
+def test_lidc_study_nll_over_feasible_scans_and_infeasible_fraction(tmp_path):
+    """Scan 12 (LIDC-IDRI-0001): one candidate (all four readers' outlines of one nodule) whose coverage
+    >= 3 falls apart into two components, so its >= 3-reader count 2 has P(C = 2) = 0: infeasible. The
+    study's NLL is the mean over the feasible scans (here scan 1 alone) and the infeasible fraction 1/2,
+    by lesioncount.count_nll_terms, not +inf."""
+    import math
+
+    import torch
+
+    import lesioncount
+    from lesioncount.cli import main
+    from lesioncount.commands.lidc_study import study_scan
+
+    args = argparse.Namespace(threshold=0.1, connectivity=18, max_count=4)
+    row1, row12 = (study_scan(lidc.rasterise_scan(r), args) for r in lidc.load_database([1, 12]))
+    assert row12["comp_3"] > row12["n_candidates"]                 # more consensus lesions than candidates
+    log_pmf = torch.from_numpy(np.stack([row1["log_pmf"], row12["log_pmf"]]))
+    terms = lesioncount.count_nll_terms(log_pmf, torch.tensor([row1["comp_3"], row12["comp_3"]]))
+    assert terms.infeasible.tolist() == [False, True]
+
+    assert main(["lidc-study", "-o", str(tmp_path), "--scan-ids", "1,12", "--no-plots", "-q"]) == 0
+    with open(tmp_path / "metrics.csv", newline="") as fh:
+        metrics = {(m["consensus"], m["readers"]): m for m in csv.DictReader(fh)}
+    m3 = metrics[("components", ">=3")]
+    assert float(m3["infeasible"]) == pytest.approx(0.5)
+    assert math.isfinite(float(m3["nll"]))
+    assert float(m3["nll"]) == pytest.approx(float(terms.nll[0]))  # scan 1's -log P(C = c) alone
+    # a level where both scans are feasible: the plain mean of the two
+    m2 = metrics[("clusters", ">=2")]
+    assert float(m2["infeasible"]) == 0.0
+    both = lesioncount.count_nll_terms(log_pmf, torch.tensor([row1["clus_2"], row12["clus_2"]]))
+    assert float(m2["nll"]) == pytest.approx(float(both.nll.mean()))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    s3 = next(m for m in summary["metrics"] if m["consensus"] == "components" and m["readers"] == ">=3")
+    assert s3["infeasible"] == pytest.approx(0.5) and math.isfinite(s3["nll"])

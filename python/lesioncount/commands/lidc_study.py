@@ -13,7 +13,10 @@ variance), and the FROC / AP of the >= 1-reader candidates scored by p_k against
 components (matched by any overlap, one-to-one).
 
 Outputs in OUT: ``per_scan.csv``, ``metrics.csv``, ``assumptions.csv``, ``froc.csv``, ``summary.json``,
-``reliability.png``, ``expected_vs_annotations.png``, ``froc.png``, ``count_hist.png``.
+``reliability.png``, ``expected_vs_annotations.png``, ``froc.png``, ``count_hist.png``. In ``metrics.csv``
+``nll`` is the mean -log P(C = consensus count) over the feasible scans and ``infeasible`` the fraction of
+scans whose consensus count has probability exactly 0 (:func:`lesioncount.count_nll_terms`: more
+consensus lesions than candidates, or fewer than the candidates with p_k = 1).
 
 Example:
     lesioncount lidc-study -o docs/lidc          # all 1018 scans
@@ -110,6 +113,7 @@ def _ece_nll(rows, key, M, n_bins):
     import numpy as np
     import torch
 
+    from .. import count_nll_terms
     from ..metrics import count_metrics
 
     pmf = torch.from_numpy(np.array([r["pmf"] for r in rows], dtype=np.float64))
@@ -117,10 +121,13 @@ def _ece_nll(rows, key, M, n_bins):
     target = torch.tensor([r[key] for r in rows])
     expected = torch.tensor([r["expected"] for r in rows], dtype=torch.float64)
     m = {k: float(v) for k, v in count_metrics(pmf, target, M, n_bins, expected_count=expected, log_pmf=log_pmf).items()}
-    nll = -log_pmf.gather(1, target.clamp_max(M).unsqueeze(1)).squeeze(1)
-    finite = torch.isfinite(nll)
-    m["impossible"] = float((~finite).double().mean())     # P(true count bin) = 0
-    m["nll_possible"] = float(nll[finite].mean()) if bool(finite.any()) else float("nan")
+    # the library's one rule (count_nll_terms): a scan whose consensus count has P(C = c) = 0 is infeasible
+    # (more consensus lesions than candidates, or fewer than the candidates with p_k = 1); the NLL is the
+    # mean over the feasible scans and the infeasible fraction is reported beside it
+    terms = count_nll_terms(log_pmf, target)
+    feasible = ~terms.infeasible
+    m["nll"] = float(terms.nll[feasible].mean()) if bool(feasible.any()) else float("nan")
+    m["infeasible"] = float(terms.infeasible.double().mean())
     return m, pmf, target
 
 
@@ -222,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     best = next(m for m in metric_rows if m["consensus"] == "components" and m["readers"] == ">=3")
     print(f"{len(rows)} scans in {elapsed:.1f} s; >=3-reader components: accuracy {best['accuracy']:.4f}, "
-          f"NLL {best['nll']:.4f}, ECE {best['ece']:.4f}; FROC vs >=3 readers: CPM {fr['cpm']:.4f}, AP {fr['ap']:.4f}; "
+          f"NLL {best['nll']:.4f} (feasible scans; {best['infeasible']:.2%} infeasible), ECE {best['ece']:.4f}; FROC vs >=3 readers: CPM {fr['cpm']:.4f}, AP {fr['ap']:.4f}; "
           f"results in {out}")
     return 0
 
