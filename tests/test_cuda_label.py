@@ -27,7 +27,7 @@ from conftest import (
     requires_ops,
     scipy_label_batch,
 )
-from kernel_devices import HAS_REAL_CUDA_KERNELS
+from kernel_devices import CUDA, HAS_REAL_CUDA_KERNELS
 
 pytestmark = [requires_ops]
 requires_real_cuda = [
@@ -247,7 +247,7 @@ def test_cuda_large_item():
     from lesioncount import synthetic
 
     x = synthetic.noise_volume(1, (128, 1024, 1024), density=0.5, seed=8)
-    assert_parity(kernel_device, x, 0.1, 26)
+    assert_parity(CUDA, x, 0.1, 26)
 
 
 @pytest.mark.slow
