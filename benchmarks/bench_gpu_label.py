@@ -1,5 +1,6 @@
 """GPU connected-component labelling: lesioncount.label on CUDA vs cupyx.scipy.ndimage.label and the
-library's CPU path. Skipped without CUDA.
+library's CPU path. Skipped without CUDA (with LC_GPU_DRY_RUN=1 the lesioncount-cuda rows run on
+the CUDA-on-CPU runtime at tiny sizes instead, see gpu_device.py; their timings mean nothing).
 
 Inputs (float32, threshold 0.1, strict >): B=8 realistic 64x192x192 maps
 (``lesioncount.synthetic.realistic_probability_maps``) and B=8 50%-density noise volumes
@@ -10,7 +11,8 @@ Inputs (float32, threshold 0.1, strict >): B=8 realistic 64x192x192 maps
 - ``lesioncount-cuda-graph``  the same call captured once in a CUDA graph and replayed (no launch gaps);
 - ``cupyx``                   ``x[b] > bound`` then ``cupyx.scipy.ndimage.label`` per item (it returns
                               the count to the host: one sync per item), zero-copy DLPack views;
-- ``lesioncount-cpu``         the CPU kernel on the same batch (host tensors).
+- ``lesioncount-cpu``         the CPU kernel on the same batch (host tensors); CPU-bound, so only with
+                              ``LC_GPU_BENCH_CPU_BOUND=1`` (gpu_check.sh leaves it out).
 - ``device-copy``             ``x.clone()`` of the same input: the measured copy bandwidth.
 
 Every timed call ends with ``torch.cuda.synchronize()``. Correctness outside the timed calls: the CUDA
@@ -25,27 +27,32 @@ import numpy as np
 import pytest
 import torch
 
+import os
+import time
+
 import baselines
+import gpu_device
 from conftest import THRESHOLD
+from gpu_device import DEVICE, DRY_RUN
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+_AVAILABLE, _WHY = gpu_device.available()
+pytestmark = pytest.mark.skipif(not _AVAILABLE, reason=_WHY)
 
-B = 8
-SHAPE = (64, 192, 192)
+B = gpu_device.size(8, 2)
+SHAPE = gpu_device.size((64, 192, 192), (8, 24, 24))
+CPU_BOUND = os.environ.get("LC_GPU_BENCH_CPU_BOUND", "") == "1"
 CONNECTIVITIES = [6, 18, 26]
 VOXELS = B * int(np.prod(SHAPE))
 
 
 def _sync():
-    torch.cuda.synchronize()
+    gpu_device.sync()
 
 
 @pytest.fixture(scope="module")
 def lc():
     import lesioncount
 
-    if not lesioncount.has_ops() or not torch._C._dispatch_has_kernel_for_dispatch_key("lesioncount::label", "CUDA"):
-        pytest.skip("lesioncount was built without the CUDA label kernel")
     return lesioncount
 
 
@@ -56,12 +63,19 @@ def volumes():
         "realistic": synthetic.realistic_probability_maps(B, SHAPE, seed=0),
         "noise50": synthetic.noise_volume(B, SHAPE, density=0.5, seed=0),
     }
-    return {k: (v, v.cuda()) for k, v in cpu.items()}
+    return {k: (v, v.to(DEVICE).clone()) for k, v in cpu.items()}
 
 
 def _event_median_s(fn, reps=20):
     fn()
     _sync()
+    if DRY_RUN:  # no CUDA events on the CPU
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -76,18 +90,20 @@ def _event_median_s(fn, reps=20):
 @pytest.fixture(scope="module")
 def copy_bandwidth():
     """Device copy bandwidth (bytes read + bytes written per second) on a 1 GiB buffer."""
-    x = torch.empty(1 << 28, dtype=torch.float32, device="cuda").uniform_()
+    n = gpu_device.size(1 << 28, 1 << 20)
+    x = torch.empty(n, dtype=torch.float32, device=DEVICE).uniform_()
     y = torch.empty_like(x)
     t = _event_median_s(lambda: y.copy_(x))
     del x, y
-    torch.cuda.empty_cache()
-    return 2 * (1 << 28) * 4 / t
+    if not DRY_RUN:
+        torch.cuda.empty_cache()
+    return 2 * n * 4 / t
 
 
 def _record(benchmark, copy_bw, **info):
     benchmark.extra_info.update(info)
     benchmark.extra_info["voxels"] = VOXELS
-    benchmark.extra_info["device"] = torch.cuda.get_device_name()
+    benchmark.extra_info["device"] = gpu_device.device_name()
     benchmark.extra_info["copy_bandwidth_GBps"] = copy_bw / 1e9
     floor_s = VOXELS * (4 + 4) / copy_bw  # float32 read + int32 write
     benchmark.extra_info["floor_us"] = floor_s * 1e6
@@ -122,20 +138,25 @@ def _float_bound(threshold: float) -> np.float32:
 def test_gpu_label(benchmark, request, volumes, copy_bandwidth, volume, connectivity, impl):
     x_cpu, x = volumes[volume]
     ref_labels, ref_num = _reference(volume, x_cpu, connectivity)
-    benchmark.group = f"gpu label {volume} {B}x64x192x192 c{connectivity}"
+    benchmark.group = f"gpu label {volume} {B}x{'x'.join(map(str, SHAPE))} c{connectivity}"
     info = dict(impl=impl, volume=volume, connectivity=connectivity, batch=B,
                 components=int(ref_num.sum()))
+    if impl == "lesioncount-cpu" and not CPU_BOUND:
+        pytest.skip("lesioncount-cpu is CPU-bound: set LC_GPU_BENCH_CPU_BOUND=1 to time it")
+    if impl in ("lesioncount-cuda-graph", "cupyx") and DRY_RUN:
+        pytest.skip(f"{impl} needs a real GPU (dry run)")
+    label = gpu_device.label_op()
 
     if impl in ("lesioncount-cuda", "lesioncount-cuda-graph"):
         lc = request.getfixturevalue("lc")
-        labels, num = torch.ops.lesioncount.label(x, THRESHOLD, connectivity, 0)
+        labels, num = label(x, THRESHOLD, connectivity, 0)
         assert torch.equal(num.cpu(), ref_num)
         assert torch.equal(labels.cpu(), ref_labels)
         assert lc is not None
         if impl == "lesioncount-cuda":
 
             def fn():
-                out = torch.ops.lesioncount.label(x, THRESHOLD, connectivity, 0)
+                out = label(x, THRESHOLD, connectivity, 0)
                 _sync()
                 return out
         else:
@@ -155,7 +176,10 @@ def test_gpu_label(benchmark, request, volumes, copy_bandwidth, volume, connecti
                 graph.replay()
                 _sync()
 
-        benchmark(fn)
+        if DRY_RUN:
+            benchmark.pedantic(fn, rounds=3, warmup_rounds=0)
+        else:
+            benchmark(fn)
     elif impl == "cupyx":
         cp = pytest.importorskip("cupy")
         cndi = pytest.importorskip("cupyx.scipy.ndimage")
@@ -199,7 +223,10 @@ def test_gpu_device_copy(benchmark, volumes, copy_bandwidth):
         _sync()
         return y
 
-    benchmark(fn)
+    if DRY_RUN:
+        benchmark.pedantic(fn, rounds=3, warmup_rounds=0)
+    else:
+        benchmark(fn)
     _record(benchmark, copy_bandwidth, impl="device-copy", volume="realistic", batch=B)
     try:
         benchmark.extra_info["clone_GBps"] = 2 * x.numel() * 4 / benchmark.stats.stats.median / 1e9
