@@ -362,3 +362,14 @@ def test_modules_import_without_torchmetrics_and_matplotlib():
     assert lines[0] == "0.5"
     assert "lesioncount[eval]" in lines[1] and "torchmetrics" in lines[1]
     assert "lesioncount[plot]" in lines[2] and "matplotlib" in lines[2]
+
+
+def test_count_metrics_nll_follows_the_infeasible_target_rule():
+    import lesioncount
+
+    # item 1's target (2) has probability exactly 0: left out of the NLL mean, counted as infeasible
+    pmf = torch.tensor([[0.25, 0.75, 0.0], [0.5, 0.5, 0.0]], dtype=torch.float64)
+    m = metrics.count_metrics(pmf, torch.tensor([1, 2]), 2, n_bins=5, log_pmf=pmf.log())
+    assert float(m["nll"]) == pytest.approx(-math.log(0.75))
+    assert float(m["infeasible"]) == pytest.approx(0.5)
+    assert float(m["nll"]) == pytest.approx(float(lesioncount.count_nll(pmf.log(), torch.tensor([1, 2]))))

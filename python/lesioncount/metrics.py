@@ -34,6 +34,8 @@ Example:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._extras import require
@@ -56,7 +58,7 @@ __all__ = [
 ]
 
 #: Keys of the dict returned by :func:`count_metrics` and ``CountMetric.compute()``.
-COUNT_METRIC_NAMES = ("accuracy", "precision", "recall", "f1", "ece", "mce", "count_mae", "nll")
+COUNT_METRIC_NAMES = ("accuracy", "precision", "recall", "f1", "ece", "mce", "count_mae", "nll", "infeasible")
 
 _PMF_RANGE_TOL = 1e-3
 _PMF_SUM_TOL = 1e-2
@@ -445,7 +447,9 @@ def count_metrics(pmf, target, max_count: int | None = None, n_bins: int = 10,
     Returns:
         dict keyed by :data:`COUNT_METRIC_NAMES`: ``accuracy`` (of the most likely bin), macro
         ``precision``/``recall``/``f1``, ``ece``, ``mce``, ``count_mae`` (mean absolute error of the
-        expected count) and ``nll`` (mean -log P(C = target bin)); scalar tensors.
+        expected count), ``nll`` (mean -log P(C = target bin) over the feasible items) and
+        ``infeasible`` (fraction of items whose target bin has probability exactly 0; the rule of
+        :func:`lesioncount.count_nll_terms`); scalar tensors.
 
     Example:
         >>> pmf = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1]])
@@ -487,7 +491,12 @@ def _metrics_from_items(p, t, abs_err, nll, M, n_bins) -> dict[str, torch.Tensor
     out.update(count_precision_recall_f1(pred, t, M))
     out["ece"], out["mce"] = count_calibration_errors(p, t, M, n_bins)
     out["count_mae"] = abs_err.mean()
-    out["nll"] = nll.mean()
+    # the infeasible-target rule of lesioncount.count_nll_terms: items whose target bin has
+    # probability exactly 0 (NLL +inf) are left out of the mean and reported as a fraction
+    infeasible = torch.isinf(nll)
+    feasible_nll = nll[~infeasible]
+    out["nll"] = feasible_nll.mean() if feasible_nll.numel() else nll.new_tensor(math.nan)
+    out["infeasible"] = infeasible.to(torch.float64).mean() if nll.numel() else nll.new_tensor(math.nan)
     return {k: out[k] for k in COUNT_METRIC_NAMES}
 
 

@@ -351,6 +351,7 @@ def compute_tables(cases: list[CaseResult], thresholds, args):
         base = count_metrics(onehot, target, M, args.n_bins, expected_count=cc[:, i].double())
         base = {k: float(v) for k, v in base.items()}
         base["nll"] = None  # -log 0 = inf for every wrong hard prediction: not informative
+        base["infeasible"] = None
         rows.append({"method": BASELINE, "threshold": t, "n_cases": len(cases), **base})
     r = thresholds.index(args.report_threshold)
     fractions = list(args.discard_fractions)
@@ -368,7 +369,7 @@ def compute_tables(cases: list[CaseResult], thresholds, args):
     return rows, discard_rows, figures
 
 
-METRIC_COLUMNS = ("accuracy", "precision", "recall", "f1", "ece", "mce", "count_mae", "nll")
+METRIC_COLUMNS = ("accuracy", "precision", "recall", "f1", "ece", "mce", "count_mae", "nll", "infeasible")
 DETECTION_COLUMNS = ("n_gt", "n_candidates", "tp", "fp", "fn", "ignored", "precision", "recall", "f1",
                      "f1_case_mean", "lesion_dice", "count_abs_diff", "expected_abs_count_error", "ap", "cpm")
 LESION_COLUMNS = ("case", "kind", "gt_id", "candidate_id", "iou", "dice", "gt_voxels", "gt_volume_mm3",
