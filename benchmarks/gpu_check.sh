@@ -1,140 +1,113 @@
 #!/usr/bin/env bash
-# One-call GPU check for the lent device machine (torch 2.11+cu130, Python 3.12, nvcc 13.0, no
-# network). Run from the repository root:
+# One-call GPU check for the lent device machine (torch 2.11+cu130, Python 3.12, nvcc 13.0,
+# compute-sanitizer, no network). Run from the repository root:
 #
-#     bash benchmarks/gpu_check.sh            # logs and JSON under $OUT (or ./out/gpu_check)
+#     bash benchmarks/gpu_check.sh              # on the GPU: outputs under $OUT (or ./out/gpu_check)
+#     bash benchmarks/gpu_check.sh --dry-run    # here, no GPU: the same steps on the CUDA-on-CPU runtime
 #
-# Steps (each with its own timeout, all inside a global budget of LC_GPU_BUDGET_S, default 510 s,
-# so the whole call ends well inside a 10-minute device command):
-#   1. environment: GPU, driver, torch, nvcc, scikit-build-core, cupy
-#   2. build + install with the CUDA kernels for sm_90 against the device's own torch
-#   3. CUDA tests (tests selected by -k cuda, not marked slow; the CUDA-on-CPU variants, which CI
-#      runs, are left out)
-#   4. compute-sanitizer memcheck and racecheck on a small label workload
-#   5. GPU benchmarks: benchmarks/bench_gpu_*.py (pytest-benchmark JSON), then the UNet training
-#      step with and without the count loss (benchmarks/bench_train.py --device cuda)
-#      then, if budget is left: slow CUDA tests (2^31-voxel item), synccheck, initcheck
-#   6. a short table, printed last
-# Later GPU work extends this same script. Exit status: 0 only if build, tests and sanitizers passed.
+# Phases, in this order (numbers first: device time is rare), each under its own timeout and all
+# inside one global budget LC_GPU_BUDGET_S (default 360 s = 6 minutes, the build included); a phase
+# that no longer fits prints "== NAME: SKIPPED (budget ...)" and the run goes on to the table:
+#   0. preflight: GPU, driver, torch, nvcc, pytest plugins, and compute-sanitizer's own --help lines
+#      for kernel filtering (the memcheck filter syntax is chosen from them, see 5.)
+#   1. build + install with the CUDA kernels for sm_90 against the device's own torch (<= 240 s)
+#   2. CUDA-vs-CPU parity smoke, seconds (benchmarks/gpu_sanitize_case.py); benchmarks are only
+#      trusted when it passes
+#   3. GPU benchmarks: bench_gpu_label.py, bench_gpu_count.py (pytest-benchmark JSON); their CPU
+#      references are computed once per module, CPU-bound implementations are left out
+#      (LC_GPU_BENCH_CPU_BOUND=1 adds them); then bench_train.py --device cuda if budget is left
+#   4. CUDA tests from explicit files (-m cuda, not slow, not the CUDA-on-CPU variants), every test
+#      with a per-test timeout (pytest-timeout when installed, else benchmarks/pytest_alarm.py, a
+#      SIGALRM plugin) and the whole pytest call under `timeout`
+#   5. compute-sanitizer memcheck on the smoke workload, only lesioncount's kernels checked:
+#      `--kernel-name kns=lesioncount` when --help documents that key=value filter, else no filter
+#   6. summary table, printed last (also on failure or SIGTERM: an EXIT trap prints it)
+# Files under $OUT, at most 8 (the device tool returns 8): preflight.txt build.log smoke.log
+# bench.log bench_gpu_label.json bench_gpu_count.json checks.log table.txt.
+#
+# --dry-run (LC_GPU_DRY_RUN=1): no build (needs nvcc for the device's torch; the CUDA-on-CPU
+# library _C_cuda_cpu of the current install must exist: LESIONCOUNT_CUDA_ON_CPU=ON), the smoke
+# and the benchmarks on the CUDA-on-CPU runtime at tiny sizes (timings meaningless), a few CUDA-on-CPU
+# tests through the same per-test-timeout path, no sanitizer (needs a device), bench_train skipped;
+# python defaults to .venv/bin/python. tests/test_gpu_check_dry_run.py runs it.
+# Exit status: 0 only if build, smoke, benchmarks, tests and memcheck passed (skipped = not failed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+
+DRY_RUN=0
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY_RUN=1 ;;
+    -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument '$arg' (expected --dry-run)" >&2; exit 2 ;;
+  esac
+done
 
 START=$(date +%s)
 # the device machine may get the tree without .git: pass LC_COMMIT=$(git rev-parse --short HEAD)
 COMMIT=${LC_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export LC_COMMIT=$COMMIT
-BUDGET=${LC_GPU_BUDGET_S:-510}
+BUDGET=${LC_GPU_BUDGET_S:-360}
+RESERVE=10  # seconds kept for the table
 OUTDIR=${OUT:-out/gpu_check}
 mkdir -p "$OUTDIR"
-PY=${PYTHON:-python3}
+if (( DRY_RUN )); then
+  export LC_GPU_DRY_RUN=1
+  PY=${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}
+else
+  unset LC_GPU_DRY_RUN
+  PY=${PYTHON:-python3}
+fi
 export PYTHONUNBUFFERED=1
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/lc_inductor}
+TEST_TIMEOUT=${LC_GPU_TEST_TIMEOUT_S:-60}  # per test
 STATUS=0
 declare -a SUMMARY=()
+PREFLIGHT="$OUTDIR/preflight.txt" BUILD_LOG="$OUTDIR/build.log" SMOKE_LOG="$OUTDIR/smoke.log"
+BENCH_LOG="$OUTDIR/bench.log" CHECK_LOG="$OUTDIR/checks.log" TABLE="$OUTDIR/table.txt"
+: >"$PREFLIGHT"; : >"$BUILD_LOG"; : >"$SMOKE_LOG"; : >"$BENCH_LOG"; : >"$CHECK_LOG"
+rm -f "$OUTDIR"/bench_gpu_*.json "$TABLE"
 
-left() { echo $(( BUDGET - ($(date +%s) - START) )); }
-# run_step NAME MAX_SECONDS LOGFILE CMD...: runs CMD with timeout min(MAX, budget left - 15 s)
+elapsed() { echo $(( $(date +%s) - START )); }
+left() { echo $(( BUDGET - $(elapsed) )); }
+note() { SUMMARY+=("$(printf '%-22s %s' "$1" "$2")"); }
+skip() {  # skip NAME WHY LOG
+  echo "== $1: SKIPPED ($2)" | tee -a "$3"
+  note "$1" "skipped ($2)"
+}
+# run_step NAME MAX_SECONDS LOGFILE CMD...: CMD under timeout min(MAX, budget left - reserve);
+# skipped (rc 99) when less than 15 s would be left for it
 run_step() {
   local name=$1 max=$2 log=$3; shift 3
-  local t; t=$(left); t=$(( t - 15 ))
+  local t; t=$(( $(left) - RESERVE ))
   (( t > max )) && t=$max
-  if (( t < 20 )); then
-    echo "== $name: SKIPPED (budget exhausted)" | tee -a "$log"
-    SUMMARY+=("$name: skipped (budget)")
+  if (( t < 15 )); then
+    skip "$name" "budget spent: $(elapsed)s of ${BUDGET}s used" "$log"
     return 99
   fi
   echo "== $name (timeout ${t}s, $(left)s of budget left)" | tee -a "$log"
   local s; s=$(date +%s)
-  timeout --kill-after=10 "$t" "$@" >>"$log" 2>&1
+  timeout --kill-after=5 "$t" "$@" >>"$log" 2>&1
   local rc=$?
   local dt=$(( $(date +%s) - s ))
-  tail -n 25 "$log"
-  echo "== $name: rc=$rc in ${dt}s"
-  SUMMARY+=("$name: rc=$rc (${dt}s)")
+  tail -n 15 "$log"
+  local what="ok"
+  (( rc != 0 )) && what="FAILED rc=$rc"
+  (( rc == 124 || rc == 137 )) && what="TIMED OUT after ${t}s"
+  echo "== $name: $what in ${dt}s"
+  note "$name" "$what (${dt}s)"
   return $rc
 }
 
-# ---- 1. environment ----
-{
-  echo "date: $(date -u +%FT%TZ)"
-  echo "commit: $COMMIT$(git diff --quiet 2>/dev/null || echo ' (+uncommitted changes, or no .git)')"
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 || true
-  nvcc --version 2>&1 | tail -n 2 || true
-  $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'device', torch.cuda.get_device_name() if torch.cuda.is_available() else None)" 2>&1
-  $PY -m pip show scikit-build-core ninja cmake cupy-cuda13x pytest-benchmark hypothesis 2>/dev/null | grep -E '^(Name|Version)' | paste - - || true
-  which compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null || true
-} 2>&1 | tee "$OUTDIR/env.txt"
-SKB=$($PY -c "import importlib.metadata as m; print(m.version('scikit-build-core'))" 2>/dev/null || echo none)
-echo "scikit-build-core: $SKB (pyproject needs >= 0.10)"
-
-# ---- 2. build ----
-BUILD_LOG="$OUTDIR/build.log"
-: >"$BUILD_LOG"
-run_step build 300 "$BUILD_LOG" env LESIONCOUNT_CUDA=ON \
-  $PY -m pip install -v --no-build-isolation --no-index --no-deps . \
-  -Cbuild-dir=build/gpu-check -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90
-BUILD_RC=$?
-if (( BUILD_RC != 0 )); then
-  STATUS=1
-  echo "BUILD FAILED: see $BUILD_LOG"
-else
-  $PY - <<'EOF' 2>&1 | tee -a "$BUILD_LOG"
-import torch, lesioncount
-print("has_ops", lesioncount.has_ops())
-for op in ("label", "region_max", "poisson_binomial", "_poisson_binomial_backward"):
-    print(op, "CUDA kernel:", torch._C._dispatch_has_kernel_for_dispatch_key(f"lesioncount::{op}", "CUDA"))
-EOF
-fi
-# run tests and benchmarks from outside the source tree's python/ so the installed package is used
-export PYTHONPATH=
-
-if (( BUILD_RC == 0 )); then
-  # ---- 3. CUDA tests (slow ones at the end, if the budget allows) ----
-  TEST_LOG="$OUTDIR/tests.log"
-  : >"$TEST_LOG"
-  run_step tests 180 "$TEST_LOG" $PY -m pytest -q -p no:cacheprovider tests -k "cuda and not cuda_cpu and not cuda-on-cpu" -m "not slow" \
-    -o addopts="" -ra --durations=10 || STATUS=1
-
-  # ---- 4. compute-sanitizer on a small case (memcheck, racecheck here; synccheck/initcheck last) ----
-  SAN_LOG="$OUTDIR/sanitize.log"
-  : >"$SAN_LOG"
-  SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
-  sanitize() {
-    if [[ -z "$SAN" ]]; then
-      echo "compute-sanitizer not found" | tee -a "$SAN_LOG"; SUMMARY+=("sanitizer-$1: not found"); return 0
-    fi
-    run_step "sanitizer-$1" 75 "$SAN_LOG" "$SAN" --tool "$1" --error-exitcode 98 \
-      --kernel-name regex:lesioncount $PY benchmarks/gpu_sanitize_case.py
-  }
-  sanitize memcheck || STATUS=1
-  sanitize racecheck || STATUS=1
-
-  # ---- 5. benchmarks ----
-  BENCH_LOG="$OUTDIR/bench.log"
-  : >"$BENCH_LOG"
-  for f in benchmarks/bench_gpu_*.py; do
-    name=$(basename "$f" .py)
-    run_step "$name" 150 "$BENCH_LOG" $PY -m pytest -q -p no:cacheprovider "$f" -o addopts="" \
-      --benchmark-json="$OUTDIR/$name.json" --benchmark-columns=median,iqr,rounds --benchmark-sort=name
-  done
-
-  # training step with and without the count loss (issue 6 target: <= 5 % at 2 x 5 x 64x192x192)
-  run_step bench_train 120 "$BENCH_LOG" $PY benchmarks/bench_train.py --device cuda
-  grep -E '^\|' "$BENCH_LOG" | tail -n 3 > "$OUTDIR/train_overhead.txt" || true
-
-  # ---- extras while budget is left ----
-  run_step tests-slow 90 "$TEST_LOG" $PY -m pytest -q -p no:cacheprovider tests -k "cuda and not cuda_cpu and not cuda-on-cpu" -m "slow" \
-    -o addopts="" -ra || { rc=$?; (( rc != 5 && rc != 99 )) && STATUS=1; }
-  sanitize synccheck || { rc=$?; (( rc != 99 )) && STATUS=1; }
-  sanitize initcheck || { rc=$?; (( rc != 99 )) && STATUS=1; }
-fi
-
-# ---- 6. table (printed last) ----
-$PY - "$OUTDIR" <<'EOF' 2>&1 | tee "$OUTDIR/table.txt"
+TABLE_DONE=0
+finish() {
+  (( TABLE_DONE )) && return
+  TABLE_DONE=1
+  {
+    $PY - "$OUTDIR" <<'EOF'
 import glob, json, os, sys
 outdir = sys.argv[1]
-commit = os.environ.get("LC_COMMIT", "unknown")
 device = None
 rows = []
 for path in sorted(glob.glob(os.path.join(outdir, "bench_gpu_*.json"))):
@@ -147,7 +120,7 @@ for path in sorted(glob.glob(os.path.join(outdir, "bench_gpu_*.json"))):
         info = b.get("extra_info", {})
         device = device or info.get("device")
         rows.append((b.get("group") or "", info.get("impl", b["name"]), b["stats"]["median"], info))
-print(f"device: {device}  commit: {commit}")
+print(f"device: {device}  commit: {os.environ.get('LC_COMMIT', 'unknown')}")
 if not rows:
     print("no benchmark results")
 cur = None
@@ -162,9 +135,125 @@ for group, impl, med, info in rows:
     print(f"  {impl:28s} {med * 1e3:9.3f}ms {gv if gv is None else round(gv, 2)!s:>8s} "
           f"{fl if fl is None else round(fl, 1)!s:>8s} {comps if comps is not None else '':>8}")
 EOF
-[[ -s "$OUTDIR/train_overhead.txt" ]] && { echo; echo "training step (bench_train.py):"; cat "$OUTDIR/train_overhead.txt"; }
-echo
-echo "summary:"
-for line in "${SUMMARY[@]}"; do echo "  $line"; done
-echo "gpu_check: status=$STATUS, $(( $(date +%s) - START ))s, outputs in $OUTDIR"
+    if grep -qE '^\|' "$BENCH_LOG" 2>/dev/null; then
+      echo; echo "training step (bench_train.py):"; grep -E '^\|' "$BENCH_LOG" | tail -n 3
+    fi
+    echo
+    echo "summary ($([[ $DRY_RUN == 1 ]] && echo 'DRY RUN on the CUDA-on-CPU runtime' || echo 'GPU run')):"
+    for line in "${SUMMARY[@]}"; do echo "  $line"; done
+    local nfiles; nfiles=$(find "$OUTDIR" -type f ! -name table.txt | wc -l)
+    (( nfiles + 1 > 8 )) && echo "  WARNING: $((nfiles + 1)) files under $OUTDIR (the device tool returns 8)"
+    echo "gpu_check: status=$STATUS, $(elapsed)s of ${BUDGET}s budget, $((nfiles + 1)) files in $OUTDIR"
+  } 2>&1 | tee "$TABLE"
+}
+trap finish EXIT
+trap 'STATUS=1; note interrupted "SIGTERM/SIGINT at $(elapsed)s"; exit 1' TERM INT
+
+# ---- 0. preflight ----
+SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
+SAN_FILTER=()
+{
+  echo "date: $(date -u +%FT%TZ)  dry_run: $DRY_RUN  budget: ${BUDGET}s"
+  echo "commit: $COMMIT$(git diff --quiet 2>/dev/null || echo ' (+uncommitted changes, or no .git)')"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 || true
+  nvcc --version 2>&1 | tail -n 2 || true
+  $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'device', torch.cuda.get_device_name() if torch.cuda.is_available() else None)" 2>&1
+  $PY -m pip list 2>/dev/null | grep -iE '^(scikit-build-core|ninja|cmake|cupy|pytest|pytest-benchmark|pytest-timeout|hypothesis|pybind11) ' || true
+  echo "compute-sanitizer: ${SAN:-not found}"
+  if [[ -n "$SAN" ]]; then
+    "$SAN" --version 2>&1 | tail -n 2
+    # the kernel filter's documented syntax, as this version prints it
+    "$SAN" --help 2>&1 | grep -n -i -A6 -E -- '--kernel-name|--filter|kernel_substring|kns' | head -n 40
+  fi
+} >>"$PREFLIGHT" 2>&1
+cat "$PREFLIGHT"
+if [[ -n "$SAN" ]]; then
+  SAN_HELP=$("$SAN" --help 2>&1)
+  if grep -q -- '--kernel-name' <<<"$SAN_HELP" && grep -qiE 'kns|kernel_substring' <<<"$SAN_HELP"; then
+    SAN_FILTER=(--kernel-name kns=lesioncount)
+  elif grep -q -- '--filter' <<<"$SAN_HELP" && grep -qiE 'kns|kernel_substring' <<<"$SAN_HELP"; then
+    SAN_FILTER=(--filter kns=lesioncount)
+  fi
+  echo "memcheck kernel filter: ${SAN_FILTER[*]:-none (not in --help: every kernel is checked)}" | tee -a "$PREFLIGHT"
+fi
+if $PY -c "import pytest_timeout" 2>/dev/null; then
+  PER_TEST=(--timeout="$TEST_TIMEOUT")
+  PER_TEST_VIA=pytest-timeout
+else
+  PER_TEST=(-p pytest_alarm --alarm-timeout="$TEST_TIMEOUT")  # benchmarks/pytest_alarm.py
+  PER_TEST_VIA="benchmarks/pytest_alarm.py (pytest-timeout is not installed)"
+fi
+echo "per-test timeout: ${TEST_TIMEOUT}s via $PER_TEST_VIA" | tee -a "$PREFLIGHT"
+
+# ---- 1. build ----
+BUILD_OK=0
+if (( DRY_RUN )); then
+  skip build "dry run: needs nvcc and the device's torch; uses the installed CUDA-on-CPU library" "$BUILD_LOG"
+  if $PY -c "import sys; sys.path.insert(0, 'benchmarks'); import gpu_device; ok, why = gpu_device.available(); print('CUDA-on-CPU runtime:', ok, why); sys.exit(0 if ok else 1)" >>"$BUILD_LOG" 2>&1; then
+    BUILD_OK=1
+  else
+    STATUS=1; note runtime "FAILED: $(tail -n 1 "$BUILD_LOG")"
+  fi
+else
+  if run_step build 240 "$BUILD_LOG" env LESIONCOUNT_CUDA=ON \
+      $PY -m pip install -v --no-build-isolation --no-index --no-deps . \
+      -Cbuild-dir=build/gpu-check -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90; then
+    BUILD_OK=1
+    $PY - <<'EOF' 2>&1 | tee -a "$BUILD_LOG"
+import torch, lesioncount
+print("has_ops", lesioncount.has_ops())
+for op in ("label", "region_max", "poisson_binomial", "_poisson_binomial_backward"):
+    print(op, "CUDA kernel:", torch._C._dispatch_has_kernel_for_dispatch_key(f"lesioncount::{op}", "CUDA"))
+EOF
+  else
+    STATUS=1
+    echo "BUILD FAILED: see $BUILD_LOG"
+  fi
+  # run everything else from the installed package, not the source tree's python/
+  export PYTHONPATH=
+fi
+
+if (( BUILD_OK )); then
+  # ---- 2. parity smoke ----
+  run_step smoke 60 "$SMOKE_LOG" $PY benchmarks/gpu_sanitize_case.py || STATUS=1
+
+  # ---- 3. benchmarks ----
+  for name in bench_gpu_label bench_gpu_count; do
+    run_step "$name" 90 "$BENCH_LOG" $PY -m pytest -q -p no:cacheprovider "benchmarks/$name.py" -o addopts="" \
+      -rs --benchmark-json="$OUTDIR/$name.json" --benchmark-columns=median,iqr,rounds --benchmark-sort=name \
+      || { rc=$?; (( rc != 99 )) && STATUS=1; }
+  done
+
+  # ---- 4. CUDA tests (explicit files, per-test timeout) ----
+  TEST_FILES=(tests/test_cuda_label.py tests/test_cuda_ops.py tests/test_label.py tests/test_region_max.py
+              tests/test_poisson_binomial.py tests/test_count_distribution.py tests/test_autodiff.py)
+  if (( DRY_RUN )); then  # the same path on a few CUDA-on-CPU tests (seconds)
+    TEST_SEL=(-m "not slow" -k "cuda-on-cpu and (public_wrapper or region_max_parity_bitwise or bad_inputs_flag_without_sync)")
+  else
+    TEST_SEL=(-m "cuda and not slow" -k "not cuda-on-cpu and not cuda_cpu and not torch_compile")
+  fi
+  run_step tests 120 "$CHECK_LOG" env PYTHONPATH=benchmarks $PY -m pytest -q -p no:cacheprovider -o addopts="" \
+    "${PER_TEST[@]}" -ra --durations=5 "${TEST_SEL[@]}" "${TEST_FILES[@]}" \
+    || { rc=$?; (( rc != 99 )) && STATUS=1; }
+
+  # ---- 5. memcheck ----
+  if (( DRY_RUN )); then
+    skip memcheck "dry run: compute-sanitizer needs a device" "$CHECK_LOG"
+  elif [[ -z "$SAN" ]]; then
+    skip memcheck "compute-sanitizer not found" "$CHECK_LOG"
+  else
+    run_step memcheck 75 "$CHECK_LOG" "$SAN" --tool memcheck --error-exitcode 98 "${SAN_FILTER[@]}" \
+      $PY benchmarks/gpu_sanitize_case.py || { rc=$?; (( rc != 99 )) && STATUS=1; }
+  fi
+
+  # ---- extras while budget is left (no extra files) ----
+  if (( DRY_RUN )); then
+    skip bench_train "dry run: needs a device" "$BENCH_LOG"
+  else
+    run_step bench_train 90 "$BENCH_LOG" $PY benchmarks/bench_train.py --device cuda || { rc=$?; (( rc != 99 )) && STATUS=1; }
+    run_step tests-compile 90 "$CHECK_LOG" env PYTHONPATH=benchmarks $PY -m pytest -q -p no:cacheprovider -o addopts="" \
+      -p pytest_alarm --alarm-timeout=80 -ra -k "torch_compile and not cuda-on-cpu" tests/test_cuda_ops.py \
+      || { rc=$?; (( rc != 99 && rc != 5 )) && STATUS=1; }
+  fi
+fi
 exit $STATUS
