@@ -30,8 +30,4 @@ LC_TORCH_LIBRARY_EXPANDED(LC_OPS_NAMESPACE, m) {
   m.def("poisson_binomial(Tensor probs, int max_count, bool log_space, bool from_logits) -> Tensor");
   // Vector-Jacobian product of poisson_binomial with respect to `probs`.
   m.def("_poisson_binomial_backward(Tensor grad, Tensor probs, int max_count, bool log_space, bool from_logits) -> Tensor");
-  // Test-only: the CUDA labeler's block union-find run sequentially on the host (cpu/label_block_emulation.cpp).
-  m.def("_label_block_emulation(Tensor input, float threshold, int connectivity, int min_size, int seed=0, bool wide=False, int threads=1) -> (Tensor labels, Tensor num)");
-  // Test-only: the block geometry tables of common/block_union_find.h for one connectivity.
-  m.def("_label_block_tables(int connectivity) -> Tensor");
 }

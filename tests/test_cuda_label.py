@@ -9,6 +9,8 @@ sync debug mode, a second device) need a real GPU.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -17,9 +19,11 @@ from hypothesis import strategies as st
 
 from conftest import (
     ALL_CONNECTIVITIES,
+    FLOAT_DTYPES,
     LABEL_DTYPES,
     ODD_SHAPES_2D,
     ODD_SHAPES_3D,
+    SCIPY_STRUCT,
     binary_to_dtype,
     make_rng,
     random_probs,
@@ -50,6 +54,15 @@ def assert_parity(kd, x, threshold, conn, min_size=0):
     torch.testing.assert_close(got[1].cpu(), exp[1], rtol=0, atol=0)
 
 
+def assert_scipy(kd, fg, conn, min_size=0):
+    """Labels of the boolean batch `fg` on the kernel device equal scipy.ndimage.label's; returns num."""
+    labels, num = kernel_label(kd, torch.from_numpy(fg), 0.5, conn, min_size)
+    exp, exp_num = scipy_label_batch(fg, conn, min_size)
+    np.testing.assert_array_equal(labels.cpu().numpy(), exp)
+    np.testing.assert_array_equal(num.cpu().numpy(), exp_num)
+    return num.cpu().numpy()
+
+
 shapes_3d = st.tuples(st.integers(1, 3), st.integers(1, 12), st.integers(1, 12), st.integers(1, 12))
 shapes_2d = st.tuples(st.integers(1, 3), st.integers(1, 33), st.integers(1, 33))
 
@@ -72,6 +85,68 @@ def test_cuda_matches_cpu_random(kernel_device, shape, density, conn_idx, min_si
     np.testing.assert_array_equal(num.cpu().numpy(), exp_num)
 
 
+def _cube(pattern: int, rank: int = 3) -> np.ndarray:
+    """Voxel bit i of `pattern` at flat index i of a 2x2x2 cube (2x2 square): the block's bit order."""
+    return ((pattern >> np.arange(2**rank)) & 1).astype(bool).reshape((2,) * rank)
+
+
+@pytest.mark.parametrize("rank,conn", ALL_CONNECTIVITIES)
+def test_cuda_every_block_pattern(kernel_device, rank, conn):
+    """Every foreground pattern of one 2x2x2 cube (2x2 square in 2D), one batch item each: the blocks
+    (2x2x2 for 26 and 18, 1x2x2 for 8, single voxels for 6 and 4) split into the right union-find
+    nodes, among them the four antipodal-corner pairs that are two components under 18."""
+    fg = np.stack([_cube(m, rank) for m in range(2 ** 2**rank)])
+    num = assert_scipy(kernel_device, fg, conn)
+    two_voxel_splits = [m for m in range(len(fg)) if bin(m).count("1") == 2 and num[m] == 2]
+    if conn == 18:
+        assert two_voxel_splits == [0x18, 0x24, 0x42, 0x81]  # bits i and 7 - i
+    elif conn in (26, 8):
+        assert two_voxel_splits == []  # the cube (square) is a clique
+
+
+@pytest.mark.parametrize("rank,conn", ALL_CONNECTIVITIES)
+def test_cuda_every_voxel_pair_across_blocks(kernel_device, rank, conn):
+    """Two foreground voxels, one in the central 2x2x2 cube of a 6x6x6 volume (2x2 of 6x6 in 2D), the
+    other anywhere, one batch item per pair: every direction between neighbouring blocks and every
+    voxel pair across it is labelled, one component exactly when the voxels are neighbours."""
+    centre = list(itertools.product((2, 3), repeat=rank))
+    anywhere = list(itertools.product(range(6), repeat=rank))
+    fg = np.zeros((len(centre) * len(anywhere),) + (6,) * rank, dtype=bool)
+    neighbours = []
+    _, reach = SCIPY_STRUCT[conn]
+    for k, (a, b) in enumerate(itertools.product(centre, anywhere)):
+        fg[(k,) + a] = fg[(k,) + b] = True
+        d = np.abs(np.subtract(a, b))
+        neighbours.append(bool(d.max() <= 1 and d.sum() <= reach))  # a == b: one voxel, one component
+    num = assert_scipy(kernel_device, fg, conn)
+    np.testing.assert_array_equal(num == 1, neighbours)
+
+
+def test_cuda_split_blocks_next_to_split_blocks(kernel_device):
+    """18-connectivity's two-node blocks: every pair of antipodal patterns in two adjacent 2x2x2 blocks
+    along each axis (unions between two-node blocks), and each antipodal pair joined through the
+    blocks around it (its two nodes end in one component)."""
+    pats = [0x81, 0x42, 0x24, 0x18]
+    for axis in range(3):
+        shape = [2, 2, 2]
+        shape[axis] = 4
+        second = [slice(0, 2)] * 3
+        second[axis] = slice(2, 4)
+        fg = np.zeros((len(pats) ** 2, *shape), dtype=bool)
+        for k, (pa, pb) in enumerate(itertools.product(pats, repeat=2)):
+            fg[k, :2, :2, :2] = _cube(pa)
+            fg[(k, *second)] = _cube(pb)
+        for conn in (6, 18, 26):
+            assert_scipy(kernel_device, fg, conn)
+    bridged = np.ones((4, 4, 4, 4), dtype=bool)  # foreground around the central 2x2x2 block
+    for k, p in enumerate(pats):
+        bridged[k, 1:3, 1:3, 1:3] = _cube(p)
+    for conn in (6, 18, 26):
+        num = assert_scipy(kernel_device, bridged, conn)
+        if conn == 18:
+            assert num.tolist() == [1, 1, 1, 1]
+
+
 @pytest.mark.parametrize("rank,conn", ALL_CONNECTIVITIES)
 @pytest.mark.parametrize("density", [0.0, 0.05, 0.3, 0.5, 0.7, 1.0])
 def test_cuda_odd_shapes(kernel_device, rank, conn, density):
@@ -91,6 +166,21 @@ def test_cuda_all_dtypes(kernel_device, dtype, rank, conn):
     if dtype.is_floating_point:
         for t in (0.1, 1 / 3, 0.5, 0.0):  # not representable in the dtype: exact float64 semantics
             assert_parity(kernel_device, torch.from_numpy(rng.random(shape)).to(dtype), t, conn)
+
+
+def test_cuda_threshold_compared_in_float64(kernel_device):
+    """`value > threshold` is decided in float64, as on the CPU, for thresholds that are not
+    representable in the input's dtype, infinite or beyond its range."""
+    kd = kernel_device
+    x = torch.tensor([[[0.1, 0.0]]], dtype=torch.float32)  # float32(0.1) > float64(0.1)
+    assert kernel_label(kd, x, 0.1, 4)[1].tolist() == [1]
+    assert kernel_label(kd, x, float(x[0, 0, 0].double()), 4)[1].tolist() == [0]
+    xh = torch.tensor([[[0.1, 0.0]]], dtype=torch.float16)  # float16(0.1) < 0.1
+    assert kernel_label(kd, xh, 0.1, 4)[1].tolist() == [0]
+    y = torch.tensor([[[float("inf"), -float("inf"), 0.0, -0.0, 3.0e38, -3.0e38]]])
+    for dtype in FLOAT_DTYPES:
+        for t in (float("inf"), -float("inf"), 1e300, -1e300, -1e-50, 0.0):
+            assert_parity(kd, y.to(dtype), t, 4)
 
 
 @pytest.mark.parametrize("rank,conn", ALL_CONNECTIVITIES)
@@ -134,14 +224,17 @@ def test_cuda_repeatable_and_deterministic(kernel_device):
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
-def test_cuda_batch_items_independent(kernel_device):
+@pytest.mark.parametrize("rank,conn", ALL_CONNECTIVITIES)
+def test_cuda_batch_items_independent(kernel_device, rank, conn):
     rng = make_rng(99)
-    for conn, shape in ((26, (4, 5, 6, 7)), (6, (4, 5, 6, 7)), (8, (4, 9, 8))):
-        x, _ = random_probs(rng, shape, 0.6)
-        flat = x.view(shape[0], -1)
-        flat[:, 0] = 0.9
-        flat[:, -1] = 0.9
-        assert_parity(kernel_device, x, 0.1, conn)
+    shape = (4, 5, 6, 7) if rank == 3 else (4, 9, 8)
+    x, _ = random_probs(rng, shape, 0.6)
+    flat = x.view(shape[0], -1)
+    flat[:, 0] = 0.9  # first and last voxels of consecutive items are adjacent in memory
+    flat[:, -1] = 0.9
+    assert_parity(kernel_device, x, 0.1, conn)
+    labels, num = kernel_label(kernel_device, torch.ones(shape), 0.1, conn)
+    assert num.tolist() == [1] * shape[0] and bool((labels == 1).all())
 
 
 def test_cuda_empty_and_noncontiguous(kernel_device):
@@ -153,9 +246,11 @@ def test_cuda_empty_and_noncontiguous(kernel_device):
     assert_parity(kernel_device, x, 0.5, 18)
 
 
-def test_cuda_nan_marks_item_without_sync(kernel_device):
-    x = kernel_device.to(torch.rand(3, 6, 7, 8))
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_cuda_nan_marks_item_without_sync(kernel_device, dtype):
+    x = torch.rand(3, 6, 7, 8, dtype=torch.float64)
     x[1, 2, 3, 4] = float("nan")
+    x = kernel_device.to(x.to(dtype))
     labels, num = kernel_device.ops.label(x, 0.5, 26, 0)
     assert int(num[1]) == -1 and bool((labels[1] == 0).all())
     ok = torch.ops.lesioncount.label(x[[0, 2]].cpu(), 0.5, 26, 0)

@@ -1,6 +1,6 @@
-// Block union-find (BUF) connected-component labeling: the per-thread pieces shared by the CUDA
-// kernels (csrc/cuda/label.cu) and by their sequential host emulation
-// (csrc/cpu/label_block_emulation.cpp), which the CPU test-suite checks against scipy.ndimage.label.
+// Block union-find (BUF) connected-component labeling: the per-thread pieces of the CUDA kernels
+// (csrc/cuda/label.cu). The test-suite runs those kernels on the CUDA-on-CPU runtime (tests/cuda_cpu)
+// and checks them against scipy.ndimage.label (tests/test_cuda_label.py).
 //
 // Algorithm (after Allegretti, Bolelli, Grana, "Optimized Block-Based Algorithms to Label Connected
 // Components on GPUs", IEEE TPDS 2020), one "thread" per block of voxels, per batch item:
@@ -227,72 +227,22 @@ LC_HOST_DEVICE inline index_t node_id(const Problem<index_t>& p, const BlockCoor
 // atomics policies and union-find
 // ---------------------------------------------------------------------------------------------
 
-// Sequential host policy (the emulation runs one "thread" at a time).
-struct HostAtomics {
-  template <typename T>
-  static T load(const T* p) { return *p; }
-  template <typename T>
-  static T fetch_min(T* p, T v) {
-    const T old = *p;
-    if (v < old) *p = v;
-    return old;
-  }
-  template <typename T>
-  static T fetch_add(T* p, T v) {
-    const T old = *p;
-    *p = old + v;
-    return old;
-  }
-  static uint32_t fetch_or(uint32_t* p, uint32_t v) {
-    const uint32_t old = *p;
-    *p = old | v;
-    return old;
-  }
-};
-
 #if defined(__CUDACC__)
 // CUDA policy: device atomics; loads are volatile (served by L2, never a stale L1 line) because
-// other threads relink roots concurrently during the merge phase. The host branches exist only so
-// that __host__ __device__ templates instantiate cleanly; they are never run.
+// other threads relink roots concurrently during the merge phase.
 struct CudaAtomics {
   template <typename T>
-  LC_HOST_DEVICE static T load(const T* p) { return *reinterpret_cast<const volatile T*>(p); }
-  LC_HOST_DEVICE static int32_t fetch_min(int32_t* p, int32_t v) {
-#if defined(__CUDA_ARCH__)
-    return atomicMin(p, v);
-#else
-    return HostAtomics::fetch_min(p, v);
-#endif
-  }
-  LC_HOST_DEVICE static int64_t fetch_min(int64_t* p, int64_t v) {
-#if defined(__CUDA_ARCH__)
+  __device__ static T load(const T* p) { return *reinterpret_cast<const volatile T*>(p); }
+  __device__ static int32_t fetch_min(int32_t* p, int32_t v) { return atomicMin(p, v); }
+  __device__ static int64_t fetch_min(int64_t* p, int64_t v) {
     return static_cast<int64_t>(atomicMin(reinterpret_cast<long long*>(p), static_cast<long long>(v)));
-#else
-    return HostAtomics::fetch_min(p, v);
-#endif
   }
-  LC_HOST_DEVICE static int32_t fetch_add(int32_t* p, int32_t v) {
-#if defined(__CUDA_ARCH__)
-    return atomicAdd(p, v);
-#else
-    return HostAtomics::fetch_add(p, v);
-#endif
-  }
-  LC_HOST_DEVICE static int64_t fetch_add(int64_t* p, int64_t v) {
-#if defined(__CUDA_ARCH__)
+  __device__ static int32_t fetch_add(int32_t* p, int32_t v) { return atomicAdd(p, v); }
+  __device__ static int64_t fetch_add(int64_t* p, int64_t v) {
     return static_cast<int64_t>(atomicAdd(reinterpret_cast<unsigned long long*>(p),
                                           static_cast<unsigned long long>(v)));
-#else
-    return HostAtomics::fetch_add(p, v);
-#endif
   }
-  LC_HOST_DEVICE static uint32_t fetch_or(uint32_t* p, uint32_t v) {
-#if defined(__CUDA_ARCH__)
-    return atomicOr(p, v);
-#else
-    return HostAtomics::fetch_or(p, v);
-#endif
-  }
+  __device__ static uint32_t fetch_or(uint32_t* p, uint32_t v) { return atomicOr(p, v); }
 };
 #endif
 
@@ -473,19 +423,6 @@ LC_HOST_DEVICE inline void final_block(const Problem<index_t>& p, int64_t b, ind
     const index_t v = ((nodes[0] >> i) & 1u) ? lab[0] : (((nodes[1] >> i) & 1u) ? lab[1] : index_t(0));
     out[voxel_index<Conn>(p, c, i)] = v;
   }
-}
-
-// Phase 5 on the host: offsets = exclusive prefix sum of popcount over all batch * words words,
-// with the total at offsets[batch * words].
-template <typename index_t>
-inline void scan_roots_host(const Problem<index_t>& p) {
-  const int64_t total = p.batch * p.words;
-  int64_t acc = 0;
-  for (int64_t w = 0; w < total; ++w) {
-    p.offsets[w] = acc;
-    acc += popcount32(p.roots[w]);
-  }
-  p.offsets[total] = acc;
 }
 
 // Largest float <= threshold: for every float (or float-representable) x,

@@ -1,9 +1,8 @@
 // CUDA connected-component labeling: batched block union-find (BUF), SciPy-exact numbering.
 //
-// The per-thread logic of every phase lives in common/block_union_find.h (shared with the CPU
-// emulation that the test-suite checks against SciPy); this file holds the kernels that run those
-// phases over a (blocks x batch) grid, the prefix sum of the root bitmap, and the launcher. No torch
-// headers here (see label_launch.h / label_cuda.cpp).
+// The per-thread logic of every phase lives in common/block_union_find.h; this file holds the
+// kernels that run those phases over a (blocks x batch) grid, the prefix sum of the root bitmap, and
+// the launcher. No torch headers here (see label_launch.h / label_cuda.cpp).
 //
 // Launch sequence on one stream, no host synchronisation:
 //   memset(root bitmap, NaN flags) -> init -> merge -> compress -> [flag, only with min_size > 1]
