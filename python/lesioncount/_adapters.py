@@ -11,7 +11,6 @@ Nothing here imports nnU-Net or MONAI.
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Sequence
 
 import torch
@@ -240,9 +239,3 @@ def resolve_connectivity(connectivity, spatial_rank: int) -> int:
     if connectivity is None:
         return default_connectivity(spatial_rank)
     return check_connectivity(connectivity, spatial_rank)
-
-
-def finite_mean(values: torch.Tensor) -> float:
-    """Mean of the finite entries (NaN when none)."""
-    v = values[torch.isfinite(values)]
-    return float(v.mean()) if v.numel() else math.nan
