@@ -2,7 +2,8 @@
 
 Configured by flags or a YAML file (``--config FILE``; flags override the file); the resolved
 settings are saved to ``OUT_DIR/config.yaml``. Multi-GPU / multi-node: launch the same command with
-``torchrun`` (``torchrun --nproc_per_node 4 -m lesioncount.train -o OUT ...``).
+``torchrun`` (``torchrun --nproc_per_node 4 -m lesioncount.train -o OUT ...``), which runs the same
+:func:`lesioncount.train.__main__.run`.
 
 Example:
     lesioncount train -o runs/tiny --epochs 2 --pretrain-epochs 1 --num-train 4 --num-val 2 \\
@@ -11,9 +12,8 @@ Example:
 from __future__ import annotations
 
 import argparse
-import sys
 
-HELP = "train the UNet (segmentation pre-training, then segmentation + count loss); DDP via torchrun"
+from ..train.__main__ import HELP
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,19 +34,6 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Resolve the config, train (or resume), print where the results are. Returns the exit code."""
-    from ..train.config import ConfigError, config_from_args
-    from ..train.loop import CheckpointError, train
+    from ..train.__main__ import run as train_run
 
-    try:
-        config = config_from_args(args)
-
-        result = train(config, resume=args.resume)
-    except (ConfigError, CheckpointError) as exc:
-        print(f"lesioncount train: {exc}", file=sys.stderr)
-        return 2
-    import os
-
-    if int(os.environ.get("RANK", "0") or 0) == 0:
-        print(f"done: best validation segmentation F1 {result.best_metric:.4f} at epoch {result.best_epoch}; "
-              f"checkpoints, metrics.csv and config.yaml in {result.out_dir}")
-    return 0
+    return train_run(args)
