@@ -386,19 +386,22 @@ def test_cuda_int64_label_path(cuda_on_cpu, emulation_settings, rank, conn):
         assert torch.equal(got[0], exp[0].to(torch.int64)) and torch.equal(got[1], exp[1])
 
 
-@pytest.mark.parametrize("conn", [6, 18, 26])
-def test_cuda_label_under_other_schedules(cuda_on_cpu, emulation_settings, conn):
+@pytest.mark.parametrize("rank,conn", ALL_CONNECTIVITIES)
+def test_cuda_label_under_other_schedules(cuda_on_cpu, emulation_settings, rank, conn):
     """The merge phase's concurrent unions under other block orders, host-thread counts and
-    intra-block interleavings (every atomic yields with probability 1/2): the result never changes."""
+    intra-block interleavings (every atomic yields with probability 1/2): the result never changes,
+    with the size filter (sizes added atomically) or without (root bits set atomically)."""
     from lesioncount import synthetic
 
-    x = synthetic.noise_volume(2, (12, 40, 36), density=0.5, seed=conn)
-    exp = torch.ops.lesioncount.label(x, 0.1, conn, 2)
+    shape = (12, 40, 36) if rank == 3 else (90, 96)
+    x = synthetic.noise_volume(2, shape, density=0.5, seed=conn)
     before = cuda_on_cpu.stats()
-    for workers, seed in ((1, 0), (3, 1), (4, 2), (2, 3)):
-        emulation_settings(workers, seed, 0.5)
-        got = cuda_on_cpu.ops.label(x, 0.1, conn, 2)
-        assert torch.equal(got[0], exp[0]) and torch.equal(got[1], exp[1])
+    for min_size in (2, 0):
+        exp = torch.ops.lesioncount.label(x, 0.1, conn, min_size)
+        for workers, seed in ((1, 0), (3, 1), (4, 2), (2, 3)):
+            emulation_settings(workers, seed, 0.5)
+            got = cuda_on_cpu.ops.label(x, 0.1, conn, min_size)
+            assert torch.equal(got[0], exp[0]) and torch.equal(got[1], exp[1])
     after = cuda_on_cpu.stats()
-    assert after["launches"] - before["launches"] >= 4 * 7  # every phase ran as its own launch
+    assert after["launches"] - before["launches"] >= 4 * (7 + 6)  # every phase ran as its own launch
     assert after["switches"] > before["switches"] + after["threads"] - before["threads"]  # threads interleaved
