@@ -138,5 +138,13 @@ struct PbArgs {
 int launch_poisson_binomial_forward(const PbArgs& args, cudaStream_t stream);
 int launch_poisson_binomial_backward(const PbArgs& args, cudaStream_t stream);
 
+// Internal: the per-dtype halves of the two above (forward when !backward), one per translation unit
+// poisson_binomial_<dtype>.cu so that nvcc compiles the dtypes in parallel; poisson_binomial.cu
+// dispatches on PbArgs::kind.
+int launch_pb_half(const PbArgs& args, bool backward, cudaStream_t stream);
+int launch_pb_bfloat16(const PbArgs& args, bool backward, cudaStream_t stream);
+int launch_pb_float(const PbArgs& args, bool backward, cudaStream_t stream);
+int launch_pb_double(const PbArgs& args, bool backward, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace lesioncount

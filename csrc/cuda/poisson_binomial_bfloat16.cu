@@ -1,0 +1,13 @@
+// The __nv_bfloat16 instantiations of the Poisson-binomial kernels (forward and backward, linear and log
+// space): one of four per-dtype translation units, compiled in parallel (poisson_binomial_kernels.cuh).
+#include "cuda/poisson_binomial_kernels.cuh"
+
+namespace lesioncount {
+namespace cuda {
+
+int launch_pb_bfloat16(const PbArgs& a, bool backward, cudaStream_t stream) {
+  return backward ? launch_mode<true, __nv_bfloat16>(a, stream) : launch_mode<false, __nv_bfloat16>(a, stream);
+}
+
+}  // namespace cuda
+}  // namespace lesioncount

@@ -1,0 +1,13 @@
+// The __half instantiations of the Poisson-binomial kernels (forward and backward, linear and log
+// space): one of four per-dtype translation units, compiled in parallel (poisson_binomial_kernels.cuh).
+#include "cuda/poisson_binomial_kernels.cuh"
+
+namespace lesioncount {
+namespace cuda {
+
+int launch_pb_half(const PbArgs& a, bool backward, cudaStream_t stream) {
+  return backward ? launch_mode<true, __half>(a, stream) : launch_mode<false, __half>(a, stream);
+}
+
+}  // namespace cuda
+}  // namespace lesioncount
