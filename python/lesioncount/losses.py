@@ -47,7 +47,6 @@ def count_weight_schedule(epoch: int, w1: float = 1e-3, w2: float = 0.06, pretra
     return float(weight)
 
 
-_MAX_COUNT_LIMIT = 2**31 - 2  # M + 1 bins must fit the kernels' int32 bin index (and memory)
 
 
 def _check_target(target, log_pmf: torch.Tensor) -> torch.Tensor:
