@@ -47,8 +47,6 @@ def count_weight_schedule(epoch: int, w1: float = 1e-3, w2: float = 0.06, pretra
     return float(weight)
 
 
-
-
 def _check_target(target, log_pmf: torch.Tensor) -> torch.Tensor:
     """(B,) int64 counts on ``log_pmf``'s device; every message names ``target``.
 
