@@ -83,7 +83,7 @@ run_step() {
   local t; t=$(( $(left) - RESERVE ))
   (( t > max )) && t=$max
   if (( t < 15 )); then
-    skip "$name" "budget spent: $(elapsed)s of ${BUDGET}s used" "$log"
+    skip "$name" "budget spent: $(elapsed)s of ${BUDGET}s used, $(left)s left, a phase needs 15 s + ${RESERVE} s for the table" "$log"
     return 99
   fi
   echo "== $name (timeout ${t}s, $(left)s of budget left)" | tee -a "$log"
