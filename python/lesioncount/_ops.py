@@ -350,47 +350,39 @@ if HAS_OPS:
         (argmax,) = ctx.saved_tensors
         return _RegionMaxBackwardFunction.apply(grad_values, argmax, list(ctx.input_shape)), None, None
 
-    class _RegionMaxFunction(torch.autograd.Function):
+    class _RegionValuesFunction(torch.autograd.Function):
+        """Shared by region_max and _region_topk: ``(values, argmax, *indices)``, where each value's
+        derivative is that of its argmax voxel (reverse: a scatter there; forward: a gather)."""
+
         generate_vmap_rule = True
 
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            argmax = output[1]
+            ctx.save_for_backward(argmax)
+            ctx.save_for_forward(argmax)
+            ctx.input_shape = inputs[0].shape
+            ctx.num_index_outputs = len(output) - 1
+            ctx.mark_non_differentiable(*output[1:])
+
+        @staticmethod
+        def backward(ctx, grad_values, *_grad_indices):
+            return _eager_region_grad(ctx, grad_values)
+
+        @staticmethod
+        def jvp(ctx, tangent_input, *_):
+            (argmax,) = ctx.saved_tensors
+            return (_gather_at_argmax(tangent_input, argmax),) + (None,) * ctx.num_index_outputs
+
+    class _RegionMaxFunction(_RegionValuesFunction):
         @staticmethod
         def forward(input, labels, num_regions):
             return _lib.region_max(input, labels, num_regions)
 
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            _region_max_setup(ctx, inputs, output)
-            ctx.save_for_forward(output[1])
-
-        @staticmethod
-        def backward(ctx, grad_values, grad_argmax):
-            return _eager_region_grad(ctx, grad_values)
-
-        @staticmethod
-        def jvp(ctx, tangent_input, _tangent_labels, _tangent_num):
-            (argmax,) = ctx.saved_tensors
-            return _gather_at_argmax(tangent_input, argmax), None
-
-    class _RegionTopkFunction(torch.autograd.Function):
-        generate_vmap_rule = True
-
+    class _RegionTopkFunction(_RegionValuesFunction):
         @staticmethod
         def forward(input, labels, k):
             return _lib._region_topk(input, labels, k)
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            _region_topk_setup(ctx, inputs, output)
-            ctx.save_for_forward(output[1])
-
-        @staticmethod
-        def backward(ctx, grad_values, grad_argmax, grad_ids):
-            return _eager_region_grad(ctx, grad_values)
-
-        @staticmethod
-        def jvp(ctx, tangent_input, _tangent_labels, _tangent_k):
-            (argmax,) = ctx.saved_tensors
-            return _gather_at_argmax(tangent_input, argmax), None, None
 
     class _PoissonBinomialFunction(torch.autograd.Function):
         generate_vmap_rule = True

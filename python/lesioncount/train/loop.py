@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..losses import _reduce as _reduce_count_nll
 from .config import ConfigError, TrainConfig, save_config
 
 __all__ = [
@@ -126,7 +127,7 @@ def count_loss_term(logits: torch.Tensor, counts: torch.Tensor, *, threshold: fl
                                                 max_count=max_count, from_logits=True)
         target = counts.to(result.log_pmf.device, non_blocking=True)
         terms = lesioncount.count_nll_terms(result.log_pmf, target)
-        loss = lesioncount.count_nll(result.log_pmf, target)
+        loss = _reduce_count_nll(terms, "mean", True)  # the rule's reduction, without re-gathering
     return loss, terms.nll.detach()
 
 
