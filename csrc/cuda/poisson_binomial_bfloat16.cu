@@ -2,12 +2,4 @@
 // space): one of four per-dtype translation units, compiled in parallel (poisson_binomial_kernels.cuh).
 #include "cuda/poisson_binomial_kernels.cuh"
 
-namespace lesioncount {
-namespace cuda {
-
-int launch_pb_bfloat16(const PbArgs& a, bool backward, cudaStream_t stream) {
-  return backward ? launch_mode<true, __nv_bfloat16>(a, stream) : launch_mode<false, __nv_bfloat16>(a, stream);
-}
-
-}  // namespace cuda
-}  // namespace lesioncount
+LC_DEFINE_PB_LAUNCH(bfloat16, __nv_bfloat16)

@@ -2,12 +2,4 @@
 // space): one of four per-dtype translation units, compiled in parallel (poisson_binomial_kernels.cuh).
 #include "cuda/poisson_binomial_kernels.cuh"
 
-namespace lesioncount {
-namespace cuda {
-
-int launch_pb_half(const PbArgs& a, bool backward, cudaStream_t stream) {
-  return backward ? launch_mode<true, __half>(a, stream) : launch_mode<false, __half>(a, stream);
-}
-
-}  // namespace cuda
-}  // namespace lesioncount
+LC_DEFINE_PB_LAUNCH(half, __half)

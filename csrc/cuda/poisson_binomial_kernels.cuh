@@ -649,3 +649,14 @@ int launch_mode(const PbArgs& a, cudaStream_t stream) {
 }  // namespace
 }  // namespace cuda
 }  // namespace lesioncount
+
+// The one definition each per-dtype unit poisson_binomial_<NAME>.cu makes: its entry point
+// launch_pb_<NAME> (declared in poisson_binomial_launch.h), instantiating every kernel for T.
+#define LC_DEFINE_PB_LAUNCH(NAME, T)                                                                 \
+  namespace lesioncount {                                                                            \
+  namespace cuda {                                                                                   \
+  int launch_pb_##NAME(const PbArgs& a, bool backward, cudaStream_t stream) {                        \
+    return backward ? launch_mode<true, T>(a, stream) : launch_mode<false, T>(a, stream);            \
+  }                                                                                                  \
+  }                                                                                                  \
+  }
