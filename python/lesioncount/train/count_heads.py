@@ -182,13 +182,7 @@ class CountHeadUNet(nn.Module):
     def forward(self, x: torch.Tensor, with_count: bool = False):
         """``x`` (B, C, D, H, W) -> logits (B, 1, D, H, W), or ``(logits, count_logits (B, M+1))``."""
         unet = self.unet
-        unet.check_input(x)
-        skips: List[torch.Tensor] = []
-        for level, encoder in enumerate(unet.encoders):
-            if level > 0:
-                x = unet.pool(x)
-            x = encoder(x)
-            skips.append(x)
+        skips = unet.encode(x)
         features = None
         x = skips.pop()
         if self.kind == "bottleneck":

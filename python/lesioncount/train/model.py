@@ -195,8 +195,8 @@ class UNet3D(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"UNet3D: input must be a floating-point tensor, got {x.dtype}")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, in_channels, D, H, W)`` -> logits ``(B, out_channels, D, H, W)``."""
+    def encode(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """The encoder's output at every level, shallowest first (the last is the bottleneck)."""
         self.check_input(x)
         skips: List[torch.Tensor] = []
         for level, encoder in enumerate(self.encoders):
@@ -204,6 +204,11 @@ class UNet3D(nn.Module):
                 x = self.pool(x)
             x = encoder(x)
             skips.append(x)
+        return skips
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, in_channels, D, H, W)`` -> logits ``(B, out_channels, D, H, W)``."""
+        skips = self.encode(x)
         x = skips.pop()
         for upsample, decoder in zip(self.upsamplers, self.decoders):
             x = upsample(x)
