@@ -1,16 +1,17 @@
 // Operator schemas of the lesioncount library, defined once for every backend.
 //
 // Backend files (cpu/*.cpp, cuda/*.cu + their .cpp launchers) register only their own kernels with
-// TORCH_LIBRARY_IMPL, so a CPU-only build needs no #ifdef here. Fake (meta) kernels and autograd
-// are attached from Python (python/lesioncount/_ops.py).
-#include <torch/library.h>
+// STABLE_TORCH_LIBRARY_IMPL, so a CPU-only build needs no #ifdef here. Fake (meta) kernels and
+// autograd are attached from Python (python/lesioncount/_ops.py). Everything here goes through the
+// LibTorch stable ABI (common/stable_api.h).
+#include "common/stable_api.h"
 
 // The CUDA-on-CPU test build (tests/cuda_cpu) defines the same schemas again under its own
 // namespace, lesioncount_cuda_cpu, for the CUDA launchers it compiles for CPU tensors.
 #ifndef LC_OPS_NAMESPACE
 #define LC_OPS_NAMESPACE lesioncount
 #endif
-#define LC_TORCH_LIBRARY_EXPANDED(ns, m) TORCH_LIBRARY(ns, m)
+#define LC_TORCH_LIBRARY_EXPANDED(ns, m) STABLE_TORCH_LIBRARY(ns, m)
 
 LC_TORCH_LIBRARY_EXPANDED(LC_OPS_NAMESPACE, m) {
   // Connected components of `input > threshold` per batch item, numbered like scipy.ndimage.label.

@@ -21,9 +21,6 @@
 // Cost: one read of the input, one write of the labels, and work proportional to the number of runs.
 // Batch items run in parallel when there are at least as many items as threads; otherwise the chunks
 // of one item run in parallel.
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-#include <ATen/ATen.h>
 
 #include <algorithm>
 #include <atomic>
@@ -35,6 +32,7 @@
 #include <vector>
 
 #include "common/connectivity.h"
+#include "common/op_arguments.h"
 #include "cpu/output_alloc.h"
 
 namespace lesioncount {
@@ -62,10 +60,6 @@ struct ForegroundTest {
     }
   }
 };
-
-constexpr bool is_floating_input(c10::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
 
 // Thresholds one row into `mask` (1 byte per voxel). Returns true if any voxel is foreground; sets
 // `saw_bad` when a NaN is present or, with kCheckProbabilities, a value outside [0, 1] (checked in
@@ -194,9 +188,9 @@ int64_t label_item(const scalar_t* input, label_t* labels_out, int64_t depth, in
 
   // ---- 1. scan rows into runs, one chunk of rows per task ----
   int64_t num_chunks = 1;
-  if (allow_parallel && !at::in_parallel_region()) {
+  if (allow_parallel) {
     const int64_t voxels = num_rows * width;
-    num_chunks = std::max<int64_t>(1, std::min<int64_t>({(int64_t)at::get_num_threads(), num_rows,
+    num_chunks = std::max<int64_t>(1, std::min<int64_t>({(int64_t)torch::stable::get_num_threads(), num_rows,
                                                          voxels / (1 << 16)}));
   }
   std::vector<std::vector<Run>> chunk_runs(num_chunks);
@@ -205,7 +199,7 @@ int64_t label_item(const scalar_t* input, label_t* labels_out, int64_t depth, in
   for (int64_t c = 0; c <= num_chunks; ++c) chunk_first_row[c] = num_rows * c / num_chunks;
   std::vector<uint8_t> chunk_nan(num_chunks, 0);
 
-  at::parallel_for(0, num_chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+  torch::stable::parallel_for(0, num_chunks, 1, [&](int64_t c_begin, int64_t c_end) {
     std::vector<uint8_t> mask((width + 63) / 64 * 64, 0);
     for (int64_t c = c_begin; c < c_end; ++c) {
       std::vector<Run>& runs = chunk_runs[c];
@@ -229,7 +223,7 @@ int64_t label_item(const scalar_t* input, label_t* labels_out, int64_t depth, in
   std::vector<int64_t> chunk_offset(num_chunks + 1, 0);
   for (int64_t c = 0; c < num_chunks; ++c) chunk_offset[c + 1] = chunk_offset[c] + chunk_runs[c].size();
   const int64_t num_runs = chunk_offset[num_chunks];
-  TORCH_CHECK(num_runs < static_cast<int64_t>(std::numeric_limits<index_t>::max()),
+  LC_CHECK(num_runs < static_cast<int64_t>(std::numeric_limits<index_t>::max()),
               "label: too many foreground runs for the index type");
   std::vector<Run> runs_storage;
   const Run* runs;
@@ -237,7 +231,7 @@ int64_t label_item(const scalar_t* input, label_t* labels_out, int64_t depth, in
     runs = chunk_runs[0].data();
   } else {
     runs_storage.resize(num_runs);
-    at::parallel_for(0, num_chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+    torch::stable::parallel_for(0, num_chunks, 1, [&](int64_t c_begin, int64_t c_end) {
       for (int64_t c = c_begin; c < c_end; ++c) {
         std::copy(chunk_runs[c].begin(), chunk_runs[c].end(), runs_storage.begin() + chunk_offset[c]);
         for (int64_t r = chunk_first_row[c]; r < chunk_first_row[c + 1]; ++r)
@@ -270,7 +264,7 @@ int64_t label_item(const scalar_t* input, label_t* labels_out, int64_t depth, in
                  neighbours[n].reach);
     }
   };
-  at::parallel_for(0, num_chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+  torch::stable::parallel_for(0, num_chunks, 1, [&](int64_t c_begin, int64_t c_end) {
     for (int64_t c = c_begin; c < c_end; ++c)
       for (int64_t r = chunk_first_row[c]; r < chunk_first_row[c + 1]; ++r)
         merge_row(r, chunk_first_row[c], r);
@@ -306,7 +300,7 @@ int64_t label_item(const scalar_t* input, label_t* labels_out, int64_t depth, in
   }
 
   // ---- 4. write labels row by row ----
-  at::parallel_for(0, num_chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+  torch::stable::parallel_for(0, num_chunks, 1, [&](int64_t c_begin, int64_t c_end) {
     for (int64_t c = c_begin; c < c_end; ++c) {
       for (int64_t r = chunk_first_row[c]; r < chunk_first_row[c + 1]; ++r) {
         label_t* out_row = labels_out + r * width;
@@ -322,41 +316,30 @@ int64_t label_item(const scalar_t* input, label_t* labels_out, int64_t depth, in
   return num_components;
 }
 
-std::tuple<at::Tensor, at::Tensor> label_cpu(const at::Tensor& input, double threshold,
-                                            int64_t connectivity, int64_t min_size,
-                                            bool check_probabilities) {
-  TORCH_CHECK(input.dim() == 3 || input.dim() == 4,
-              "label: `input` must have shape (B, H, W) for 2D or (B, D, H, W) for 3D, got ",
-              input.dim(), " dimensions ", input.sizes());
+std::tuple<Tensor, Tensor> label_cpu(const Tensor& input, double threshold, int64_t connectivity,
+                                     int64_t min_size, bool check_probabilities) {
+  check_label_arguments(input, threshold, connectivity, min_size);
+  LC_CHECK(input.is_cpu(), "label: expected a CPU tensor for `input`, got one on ", device_name(input));
   const int spatial_rank = static_cast<int>(input.dim()) - 1;
-  TORCH_CHECK(is_valid_connectivity(spatial_rank, connectivity), "label: `connectivity` must be ",
-              spatial_rank == 2 ? "4 or 8 for 2D input" : "6, 18 or 26 for 3D input", ", got ",
-              connectivity);
-  TORCH_CHECK(min_size >= 0, "label: `min_size` must be >= 0, got ", min_size);
-  TORCH_CHECK(!std::isnan(threshold), "label: `threshold` must not be NaN");
-  const auto dtype = input.scalar_type();
-  TORCH_CHECK(dtype == at::kBool || dtype == at::kByte || is_floating_input(dtype),
-              "label: `input` dtype must be bool, uint8, float16, bfloat16, float32 or float64, got ",
-              dtype);
-  TORCH_CHECK(input.device().is_cpu(), "label: expected a CPU tensor for `input`");
+  const ScalarType dtype = input.scalar_type();
 
-  const at::Tensor x = input.contiguous();
+  const Tensor x = dense(input);
   const int64_t batch = x.size(0);
   const int64_t depth = spatial_rank == 3 ? x.size(1) : 1;
-  const int64_t height = x.size(-2), width = x.size(-1);
+  const int64_t height = x.size(spatial_rank - 1), width = x.size(spatial_rank);
   const int64_t item_voxels = depth * height * width;
-  TORCH_CHECK(width < std::numeric_limits<int32_t>::max(), "label: `input` rows are too long");
   const bool wide = item_voxels >= (int64_t(1) << 31);
-  const at::TensorOptions label_options = x.options().dtype(wide ? at::kLong : at::kInt);
-  at::Tensor num = at::zeros({batch}, x.options().dtype(at::kLong));
-  if (batch == 0 || item_voxels == 0) return {at::zeros(x.sizes(), label_options), num};
-  at::Tensor labels;
+  const ScalarType label_dtype = wide ? ScalarType::Long : ScalarType::Int;
+  const std::vector<int64_t> label_sizes = shape_of(x).dims;
+  Tensor num = new_zeros(x, {batch}, ScalarType::Long);
+  if (batch == 0 || item_voxels == 0) return {new_zeros(x, label_sizes, label_dtype), num};
+  Tensor labels;
   bool output_zeroed = false;
 
-  int64_t* num_ptr = num.data_ptr<int64_t>();
+  int64_t* num_ptr = num.mutable_data_ptr<int64_t>();
   std::vector<uint8_t> item_nan(batch, 0);
   // Whole items per thread when there are enough of them and they are worth a thread.
-  const bool items_in_parallel = batch >= at::get_num_threads() && batch > 1 && item_voxels >= (1 << 14);
+  const bool items_in_parallel = batch >= static_cast<int64_t>(torch::stable::get_num_threads()) && batch > 1 && item_voxels >= (1 << 14);
 
   auto dispatch = [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -364,7 +347,7 @@ std::tuple<at::Tensor, at::Tensor> label_cpu(const at::Tensor& input, double thr
     const ForegroundTest<scalar_t> test(threshold);
     const int64_t label_size = wide ? 8 : 4;
     const ZeroedOutput output = zeroed_cpu_output_by_block(
-        x.sizes(), label_options, [&](int64_t byte_begin, int64_t byte_end) {
+        label_sizes, label_dtype, [&](int64_t byte_begin, int64_t byte_end) {
           return mostly_background(in_ptr, byte_begin / label_size, byte_end / label_size,
                                    static_cast<int64_t>(kSmallPage) / label_size, test);
         });
@@ -374,19 +357,19 @@ std::tuple<at::Tensor, at::Tensor> label_cpu(const at::Tensor& input, double thr
       bool nan = false;
       if (wide) {
         num_ptr[b] = label_item<scalar_t, int64_t, int64_t>(
-            in_ptr + b * item_voxels, labels.data_ptr<int64_t>() + b * item_voxels, depth, height,
+            in_ptr + b * item_voxels, labels.mutable_data_ptr<int64_t>() + b * item_voxels, depth, height,
             width, threshold, (int)connectivity, min_size, check_probabilities, output_zeroed, nan,
             !items_in_parallel);
       } else {
         num_ptr[b] = label_item<scalar_t, int32_t, int32_t>(
-            in_ptr + b * item_voxels, labels.data_ptr<int32_t>() + b * item_voxels, depth, height,
+            in_ptr + b * item_voxels, labels.mutable_data_ptr<int32_t>() + b * item_voxels, depth, height,
             width, threshold, (int)connectivity, min_size, check_probabilities, output_zeroed, nan,
             !items_in_parallel);
       }
       item_nan[b] = nan;
     };
     if (items_in_parallel) {
-      at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
+      torch::stable::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) run_item(b);
       });
     } else {
@@ -394,16 +377,16 @@ std::tuple<at::Tensor, at::Tensor> label_cpu(const at::Tensor& input, double thr
     }
   };
   switch (dtype) {
-    case at::kFloat: dispatch(float{}); break;
-    case at::kDouble: dispatch(double{}); break;
-    case at::kHalf: dispatch(at::Half{}); break;
-    case at::kBFloat16: dispatch(at::BFloat16{}); break;
-    case at::kByte: dispatch(uint8_t{}); break;
-    case at::kBool: dispatch(uint8_t{}); break;  // torch bools are stored as bytes 0/1
-    default: TORCH_CHECK(false, "label: unsupported dtype ", dtype);
+    case ScalarType::Float: dispatch(float{}); break;
+    case ScalarType::Double: dispatch(double{}); break;
+    case ScalarType::Half: dispatch(Half{}); break;
+    case ScalarType::BFloat16: dispatch(BFloat16{}); break;
+    case ScalarType::Byte: dispatch(uint8_t{}); break;
+    case ScalarType::Bool: dispatch(uint8_t{}); break;  // torch bools are stored as bytes 0/1
+    default: LC_CHECK(false, "label: unsupported dtype ", dtype);
   }
   for (int64_t b = 0; b < batch; ++b)
-    TORCH_CHECK(!item_nan[b], "label: `input` ",
+    LC_CHECK(!item_nan[b], "label: `input` ",
                 check_probabilities ? "must hold probabilities in [0, 1] without NaN (pass from_logits=True for logits)"
                                     : "contains NaN",
                 " (batch item ", b, ")");
@@ -412,6 +395,6 @@ std::tuple<at::Tensor, at::Tensor> label_cpu(const at::Tensor& input, double thr
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lesioncount, CPU, m) { m.impl("label", &label_cpu); }
+STABLE_TORCH_LIBRARY_IMPL(lesioncount, CPU, m) { m.impl("label", TORCH_BOX(&label_cpu)); }
 
 }  // namespace lesioncount

@@ -31,34 +31,79 @@
 // touches 10x less fresh memory.
 //
 // Correctness never depends on the choice: every block reads as zeros until the caller writes it.
+//
+// Stable ABI: a tensor that owns foreign memory through a deleter needs the C shim function
+// torch_from_blob, which torch has from 2.11 on. The library targets 2.10, so the function is
+// declared weak here: on torch >= 2.11 it resolves and large outputs are mapped as above; on 2.10 it
+// is null and every output is an ordinary torch allocation filled by the caller (zeroed = false).
 #pragma once
 
-#include <ATen/ATen.h>
-#include <c10/util/accumulate.h>
+#include "common/stable_api.h"
 
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
+#include <optional>
 #include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
 
+#if TORCH_FEATURE_VERSION < TORCH_VERSION_2_11_0
+// Declared by torch/csrc/stable/c/shim.h only for targets >= 2.11; the same signature, weak.
+extern "C" AOTI_TORCH_EXPORT AOTITorchError torch_from_blob(
+    void* data, int64_t ndim, const int64_t* sizes_ptr, const int64_t* strides_ptr, int64_t storage_offset,
+    int32_t dtype, int32_t device_type, int32_t device_index, AtenTensorHandle* ret_new_tensor, int32_t layout,
+    const uint8_t* opaque_metadata, int64_t opaque_metadata_size, void (*deleter)(void* data, void* context),
+    void* deleter_context) __attribute__((weak));
+#endif
+
 namespace lesioncount {
 
 struct ZeroedOutput {
-  at::Tensor tensor;
+  Tensor tensor;
   bool zeroed;  // true: every element is already 0
 };
 
 constexpr size_t kHugePage = size_t(2) << 20;
 constexpr size_t kSmallPage = size_t(4) << 10;
 
-// Size in bytes of a CPU output of `sizes` and `options`.
-inline size_t output_nbytes(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  return static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
+// Size in bytes of a CPU output of `sizes` and `dtype`.
+inline size_t output_nbytes(const std::vector<int64_t>& sizes, ScalarType dtype) {
+  size_t n = 1;
+  for (int64_t s : sizes) n *= static_cast<size_t>(s);
+  return n * element_size(dtype);
+}
+
+// Wraps `data` (owned by an anonymous mapping [base, base + mapped)) as a contiguous CPU tensor that
+// unmaps it when freed. Returns nothing when torch lacks torch_from_blob (2.10) or it fails.
+inline std::optional<Tensor> tensor_owning_mapping(char* data, const std::vector<int64_t>& sizes, ScalarType dtype, void* base,
+                                    size_t mapped) {
+  if (&torch_from_blob == nullptr) return std::nullopt;
+  std::vector<int64_t> strides(sizes.size(), 1);
+  for (size_t d = sizes.size(); d-- > 1;) strides[d - 1] = strides[d] * std::max<int64_t>(sizes[d], 1);
+  struct Mapping {
+    void* base;
+    size_t bytes;
+  };
+  auto* mapping = new Mapping{base, mapped};
+  auto release = [](void* /*data*/, void* context) {
+    auto* m = static_cast<Mapping*>(context);
+    munmap(m->base, m->bytes);
+    delete m;
+  };
+  AtenTensorHandle handle = nullptr;
+  const AOTITorchError error = torch_from_blob(
+      data, static_cast<int64_t>(sizes.size()), sizes.data(), strides.data(), 0,
+      torch::stable::detail::to<int32_t>(torch::stable::detail::from(dtype)), aoti_torch_device_type_cpu(), /*device_index=*/-1,
+      &handle, aoti_torch_layout_strided(), nullptr, 0, release, mapping);
+  if (error != AOTI_TORCH_SUCCESS) {
+    delete mapping;
+    return std::nullopt;
+  }
+  return Tensor(handle);
 }
 
 // Whether read faults in MADV_HUGEPAGE memory map the kernel's shared huge zero page (the default);
@@ -85,11 +130,11 @@ inline bool huge_zero_page_enabled() {
 // offsets into the output), whether the caller will write only a small part of it (see above); it is
 // not called for small outputs.
 template <typename SparseBlock>
-inline ZeroedOutput zeroed_cpu_output_by_block(at::IntArrayRef sizes, const at::TensorOptions& options,
+inline ZeroedOutput zeroed_cpu_output_by_block(const std::vector<int64_t>& sizes, ScalarType dtype,
                                                SparseBlock&& sparse_block) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE) && defined(MADV_NOHUGEPAGE)
-  const size_t nbytes = output_nbytes(sizes, options);
-  if (nbytes >= 4 * kHugePage) {
+  const size_t nbytes = output_nbytes(sizes, dtype);
+  if (nbytes >= 4 * kHugePage && &torch_from_blob != nullptr) {
     const size_t mapped = (nbytes + kHugePage - 1) / kHugePage * kHugePage + kHugePage;
     void* base = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (base != MAP_FAILED) {
@@ -115,21 +160,23 @@ inline ZeroedOutput zeroed_cpu_output_by_block(at::IntArrayRef sizes, const at::
         if (end > k) madvise(data + k * kHugePage, (end - k) * kHugePage, MADV_NOHUGEPAGE);
         k = end + 1;
       }
-      auto release = [base, mapped](void*) { munmap(base, mapped); };
-      return {at::from_blob(data, sizes, release, options.device(at::kCPU)), true};
+      std::optional<Tensor> owned = tensor_owning_mapping(data, sizes, dtype, base, mapped);
+      if (owned) return {*owned, true};
+      munmap(base, mapped);
     }
   }
 #else
   (void)sparse_block;
 #endif
-  return {at::empty(sizes, options.device(at::kCPU)), false};
+  return {torch::stable::empty(sizes, dtype, std::nullopt, torch::stable::Device(torch::headeronly::DeviceType::CPU)),
+          false};
 }
 
 // The same with one choice for the whole output: `dense` (the kernel will write most of it) or
 // sparse (a few scattered entries, e.g. one gradient value per region).
-inline ZeroedOutput empty_or_zeroed_cpu_output(at::IntArrayRef sizes, const at::TensorOptions& options,
+inline ZeroedOutput empty_or_zeroed_cpu_output(const std::vector<int64_t>& sizes, ScalarType dtype,
                                                bool dense = true) {
-  return zeroed_cpu_output_by_block(sizes, options, [dense](int64_t, int64_t) { return !dense; });
+  return zeroed_cpu_output_by_block(sizes, dtype, [dense](int64_t, int64_t) { return !dense; });
 }
 
 }  // namespace lesioncount

@@ -10,9 +10,6 @@
 // and kept as (sign, log|value|); with logits the chain-rule factor p(1-p) is folded into the
 // exponent (log p + log(1-p)), so gradients stay exact for saturated logits.
 // Batch items run in parallel.
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-#include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cmath>
@@ -86,27 +83,28 @@ inline void add_candidate(double* f, int64_t added, int64_t M, const CandidateFa
   else pb::linear_step(f, top, M, c.p_or_log_p[k], c.q_or_log_q[k]);
 }
 
-void check_probs_arg(const at::Tensor& probs, int64_t max_count, const char* op) {
+void check_probs_arg(const Tensor& probs, int64_t max_count, const char* op) {
   check_poisson_binomial_arguments(probs, max_count, op);
-  TORCH_CHECK(probs.device().is_cpu(), op, ": expected a CPU tensor for `probs`");
+  LC_CHECK(probs.is_cpu(), op, ": expected a CPU tensor for `probs`, got one on ", device_name(probs));
 }
 
 [[noreturn]] void report_bad_candidate(const char* op, bool from_logits, int64_t b, int64_t k, double v) {
-  if (from_logits) TORCH_CHECK(false, op, ": `probs` (logits) must not be NaN; batch item ", b, ", candidate ", k);
-  TORCH_CHECK(false, op, ": `probs` must lie in [0, 1] (use from_logits=True for logits); got ", v,
+  if (from_logits) LC_CHECK(false, op, ": `probs` (logits) must not be NaN; batch item ", b, ", candidate ", k);
+  LC_CHECK(false, op, ": `probs` must lie in [0, 1] (use from_logits=True for logits); got ", v,
               " at batch item ", b, ", candidate ", k);
 }
 
-at::Tensor poisson_binomial_cpu(const at::Tensor& probs, int64_t max_count, bool log_space, bool from_logits) {
+Tensor poisson_binomial_cpu(const Tensor& probs, int64_t max_count, bool log_space, bool from_logits) {
   check_probs_arg(probs, max_count, "poisson_binomial");
   const int64_t B = probs.size(0), K = probs.size(1), M = max_count;
-  const at::Tensor x = probs.contiguous();
-  at::Tensor out64 = at::empty({B, M + 1}, x.options().dtype(at::kDouble));
+  const Tensor x = dense(probs);
+  Tensor out64 = new_empty(x, {B, M + 1}, ScalarType::Double);
   std::vector<int64_t> bad(B, -1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lesioncount_pb_forward", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    double* op = out64.data_ptr<double>();
-    at::parallel_for(0, B, items_per_task(K, M), [&](int64_t b0, int64_t b1) {
+  dispatch_floating(x.scalar_type(), "poisson_binomial", [&](auto scalar_tag) {
+    using scalar_t = decltype(scalar_tag);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    double* op = out64.mutable_data_ptr<double>();
+    torch::stable::parallel_for(0, B, items_per_task(K, M), [&](int64_t b0, int64_t b1) {
       CandidateFactors c;
       for (int64_t b = b0; b < b1; ++b) {
         double* f = op + b * (M + 1);
@@ -119,7 +117,7 @@ at::Tensor poisson_binomial_cpu(const at::Tensor& probs, int64_t max_count, bool
     for (int64_t b = 0; b < B; ++b)
       if (bad[b] >= 0) report_bad_candidate("poisson_binomial", from_logits, b, bad[b], (double)xp[b * K + bad[b]]);
   });
-  return out64.to(x.scalar_type());
+  return contiguous_as(out64, x.scalar_type());
 }
 
 // Reverse mode for one item. `grad` has M+1 entries (dL/dpmf or dL/dlogpmf), `out` receives K.
@@ -205,21 +203,23 @@ void backward_item(const CandidateFactors& c, int64_t K, int64_t M, bool log_spa
   }
 }
 
-at::Tensor poisson_binomial_backward_cpu(const at::Tensor& grad, const at::Tensor& probs, int64_t max_count,
+Tensor poisson_binomial_backward_cpu(const Tensor& grad, const Tensor& probs, int64_t max_count,
                                          bool log_space, bool from_logits) {
   check_probs_arg(probs, max_count, "_poisson_binomial_backward");
   const int64_t B = probs.size(0), K = probs.size(1), M = max_count;
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == B && grad.size(1) == M + 1,
-              "_poisson_binomial_backward: `grad` must have shape (", B, ", ", M + 1, "), got ", grad.sizes());
-  const at::Tensor x = probs.contiguous();
-  const at::Tensor g64 = grad.to(at::kDouble).contiguous();
-  at::Tensor out64 = at::zeros({B, K}, x.options().dtype(at::kDouble));
+  LC_CHECK(grad.dim() == 2 && grad.size(0) == B && grad.size(1) == M + 1,
+              "_poisson_binomial_backward: `grad` must have shape (", B, ", ", M + 1, "), got ", shape_of(grad));
+  LC_CHECK(grad.is_cpu(), "_poisson_binomial_backward: expected a CPU tensor for `grad`, got one on ", device_name(grad));
+  const Tensor x = dense(probs);
+  const Tensor g64 = contiguous_as(grad, ScalarType::Double);
+  Tensor out64 = new_zeros(x, {B, K}, ScalarType::Double);
   std::vector<int64_t> bad(B, -1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lesioncount_pb_backward", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const double* gp = g64.data_ptr<double>();
-    double* op = out64.data_ptr<double>();
-    at::parallel_for(0, B, items_per_task(K, M), [&](int64_t b0, int64_t b1) {
+  dispatch_floating(x.scalar_type(), "_poisson_binomial_backward", [&](auto scalar_tag) {
+    using scalar_t = decltype(scalar_tag);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const double* gp = g64.const_data_ptr<double>();
+    double* op = out64.mutable_data_ptr<double>();
+    torch::stable::parallel_for(0, B, items_per_task(K, M), [&](int64_t b0, int64_t b1) {
       CandidateFactors c;
       for (int64_t b = b0; b < b1; ++b) {
         bad[b] = read_candidates(xp + b * K, K, log_space, from_logits, c);
@@ -231,14 +231,14 @@ at::Tensor poisson_binomial_backward_cpu(const at::Tensor& grad, const at::Tenso
       if (bad[b] >= 0)
         report_bad_candidate("_poisson_binomial_backward", from_logits, b, bad[b], (double)xp[b * K + bad[b]]);
   });
-  return out64.to(x.scalar_type());
+  return contiguous_as(out64, x.scalar_type());
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lesioncount, CPU, m) {
-  m.impl("poisson_binomial", &poisson_binomial_cpu);
-  m.impl("_poisson_binomial_backward", &poisson_binomial_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(lesioncount, CPU, m) {
+  m.impl("poisson_binomial", TORCH_BOX(&poisson_binomial_cpu));
+  m.impl("_poisson_binomial_backward", TORCH_BOX(&poisson_binomial_backward_cpu));
 }
 
 }  // namespace lesioncount

@@ -9,9 +9,6 @@
 // chunk. _region_topk is the same scan with per-region arrays grown to the largest label seen,
 // followed by a partial selection of the k best regions (static output shape, any region count).
 // The backward (_region_max_backward) scatters one gradient per region to its argmax voxel.
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-#include <ATen/ATen.h>
 
 #include <algorithm>
 #include <atomic>
@@ -79,41 +76,48 @@ bool scan_range(const scalar_t* values, const label_t* labels, int64_t begin, in
   return true;
 }
 
-std::tuple<at::Tensor, at::Tensor> region_max_cpu(const at::Tensor& input, const at::Tensor& labels,
+std::tuple<Tensor, Tensor> region_max_cpu(const Tensor& input, const Tensor& labels,
                                                  int64_t num_regions) {
   check_region_max_arguments(input, labels, num_regions);
-  TORCH_CHECK(input.device().is_cpu() && labels.device().is_cpu(),
-              "region_max: `input` and `labels` must both be CPU tensors here, got ", input.device(),
-              " and ", labels.device());
+  LC_CHECK(input.is_cpu() && labels.is_cpu(), "region_max: `input` and `labels` must both be CPU tensors here, got ",
+           device_name(input), " and ", device_name(labels));
 
   const int64_t batch = input.size(0);
   const int64_t item_voxels = batch == 0 ? 0 : input.numel() / batch;
-  const at::Tensor x = input.contiguous();
-  const at::Tensor lab = labels.contiguous();
-  at::Tensor values = at::zeros({batch, num_regions}, x.options());
-  at::Tensor argmax = at::full({batch, num_regions}, -1, x.options().dtype(at::kLong));
+  const Tensor x = dense(input);
+  const Tensor lab = dense(labels);
+  Tensor values = new_zeros(x, {batch, num_regions}, x.scalar_type());
+  Tensor argmax = new_full(x, {batch, num_regions}, ScalarType::Long, -1);
   if (batch == 0 || num_regions == 0 || item_voxels == 0) {
     if (num_regions == 0 && item_voxels > 0 && batch > 0) {
       // Still reject labels that name regions that do not exist.
-      TORCH_CHECK(lab.max().item<int64_t>() <= 0 && lab.min().item<int64_t>() >= 0,
-                  "region_max: `labels` must lie in [0, num_regions=0]");
+      bool any_region = false;
+      auto scan = [&](auto label_tag) {
+        using label_t = decltype(label_tag);
+        const label_t* lv = lab.const_data_ptr<label_t>();
+        for (int64_t i = 0, n = batch * item_voxels; i < n && !any_region; ++i) any_region = lv[i] != 0;
+      };
+      if (lab.scalar_type() == ScalarType::Int) scan(int32_t{});
+      else scan(int64_t{});
+      LC_CHECK(!any_region, "region_max: `labels` must lie in [0, num_regions=0]");
     }
     return {values, argmax};
   }
 
-  const int threads = at::get_num_threads();
+  const int64_t threads = static_cast<int64_t>(torch::stable::get_num_threads());
   const bool items_in_parallel = batch >= threads && item_voxels >= (1 << 14);
   std::vector<int64_t> bad_label(batch, 0);
   std::vector<uint8_t> item_nan(batch, 0);
   std::vector<uint8_t> item_ok(batch, 1);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lesioncount_region_max", [&] {
+  dispatch_floating(x.scalar_type(), "region_max", [&](auto scalar_tag) {
+    using scalar_t = decltype(scalar_tag);
     auto with_labels = [&](auto label_tag) {
       using label_t = decltype(label_tag);
-      const scalar_t* xv = x.data_ptr<scalar_t>();
-      const label_t* lv = lab.data_ptr<label_t>();
-      scalar_t* out_v = values.data_ptr<scalar_t>();
-      int64_t* out_i = argmax.data_ptr<int64_t>();
+      const scalar_t* xv = x.const_data_ptr<scalar_t>();
+      const label_t* lv = lab.const_data_ptr<label_t>();
+      scalar_t* out_v = values.mutable_data_ptr<scalar_t>();
+      int64_t* out_i = argmax.mutable_data_ptr<int64_t>();
 
       auto run_item = [&](int64_t b, bool split) {
         const scalar_t* item_x = xv + b * item_voxels;
@@ -131,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor> region_max_cpu(const at::Tensor& input, const
           for (int64_t c = 0; c < chunks; ++c) partial.emplace_back(num_regions);
           std::vector<uint8_t> ok(chunks, 1), chunk_nan(chunks, 0);
           std::vector<int64_t> chunk_bad(chunks, 0);
-          at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+          torch::stable::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
             for (int64_t c = c0; c < c1; ++c) {
               bool n = false;
               ok[c] = scan_range(item_x, item_l, item_voxels * c / chunks, item_voxels * (c + 1) / chunks,
@@ -164,21 +168,21 @@ std::tuple<at::Tensor, at::Tensor> region_max_cpu(const at::Tensor& input, const
         bad_label[b] = bad;
       };
       if (items_in_parallel) {
-        at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
+        torch::stable::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
           for (int64_t b = b0; b < b1; ++b) run_item(b, false);
         });
       } else {
         for (int64_t b = 0; b < batch; ++b) run_item(b, true);
       }
     };
-    if (lab.scalar_type() == at::kInt) with_labels(int32_t{});
+    if (lab.scalar_type() == ScalarType::Int) with_labels(int32_t{});
     else with_labels(int64_t{});
   });
 
   for (int64_t b = 0; b < batch; ++b) {
     if (item_ok[b]) continue;
-    TORCH_CHECK(!item_nan[b], "region_max: `input` contains NaN inside a region (batch item ", b, ")");
-    TORCH_CHECK(false, "region_max: `labels` must lie in [0, num_regions=", num_regions, "], found ",
+    LC_CHECK(!item_nan[b], "region_max: `input` contains NaN inside a region (batch item ", b, ")");
+    LC_CHECK(false, "region_max: `labels` must lie in [0, num_regions=", num_regions, "], found ",
                 bad_label[b], " in batch item ", b);
   }
   return {values, argmax};
@@ -242,81 +246,85 @@ bool topk_item(const scalar_t* values, const label_t* labels, int64_t voxels, in
   return true;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> region_topk_cpu(const at::Tensor& input, const at::Tensor& labels,
+std::tuple<Tensor, Tensor, Tensor> region_topk_cpu(const Tensor& input, const Tensor& labels,
                                                               int64_t k) {
-  check_region_max_arguments(input, labels, k);
-  TORCH_CHECK(input.device().is_cpu() && labels.device().is_cpu(),
-              "_region_topk: `input` and `labels` must both be CPU tensors here, got ", input.device(),
-              " and ", labels.device());
+  check_region_arguments(input, labels, "_region_topk");
+  LC_CHECK(k >= 0, "_region_topk: `k` must be >= 0, got ", k);
+  LC_CHECK(input.is_cpu() && labels.is_cpu(), "_region_topk: `input` and `labels` must both be CPU tensors here, got ",
+           device_name(input), " and ", device_name(labels));
   const int64_t batch = input.size(0);
   const int64_t item_voxels = batch == 0 ? 0 : input.numel() / batch;
-  const at::Tensor x = input.contiguous();
-  const at::Tensor lab = labels.contiguous();
-  at::Tensor values = at::empty({batch, k}, x.options());
-  at::Tensor argmax = at::empty({batch, k}, x.options().dtype(at::kLong));
-  at::Tensor ids = at::empty({batch, k}, x.options().dtype(at::kLong));
+  const Tensor x = dense(input);
+  const Tensor lab = dense(labels);
+  Tensor values = new_empty(x, {batch, k}, x.scalar_type());
+  Tensor argmax = new_empty(x, {batch, k}, ScalarType::Long);
+  Tensor ids = new_empty(x, {batch, k}, ScalarType::Long);
   std::vector<int64_t> bad_label(batch, 0);
   std::vector<uint8_t> item_nan(batch, 0), item_ok(batch, 1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lesioncount_region_topk", [&] {
+  dispatch_floating(x.scalar_type(), "_region_topk", [&](auto scalar_tag) {
+    using scalar_t = decltype(scalar_tag);
     auto with_labels = [&](auto label_tag) {
       using label_t = decltype(label_tag);
-      const scalar_t* xv = x.data_ptr<scalar_t>();
-      const label_t* lv = lab.data_ptr<label_t>();
-      at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
+      const scalar_t* xv = x.const_data_ptr<scalar_t>();
+      const label_t* lv = lab.const_data_ptr<label_t>();
+      torch::stable::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           bool nan = false;
           item_ok[b] = topk_item(xv + b * item_voxels, lv + b * item_voxels, item_voxels, k,
-                                 values.data_ptr<scalar_t>() + b * k, argmax.data_ptr<int64_t>() + b * k,
-                                 ids.data_ptr<int64_t>() + b * k, bad_label[b], nan);
+                                 values.mutable_data_ptr<scalar_t>() + b * k, argmax.mutable_data_ptr<int64_t>() + b * k,
+                                 ids.mutable_data_ptr<int64_t>() + b * k, bad_label[b], nan);
           item_nan[b] = nan;
         }
       });
     };
-    if (lab.scalar_type() == at::kInt) with_labels(int32_t{});
+    if (lab.scalar_type() == ScalarType::Int) with_labels(int32_t{});
     else with_labels(int64_t{});
   });
   for (int64_t b = 0; b < batch; ++b) {
     if (item_ok[b]) continue;
-    TORCH_CHECK(!item_nan[b], "_region_topk: `input` contains NaN inside a region (batch item ", b, ")");
-    TORCH_CHECK(false, "_region_topk: `labels` must be >= 0, found ", bad_label[b], " in batch item ", b);
+    LC_CHECK(!item_nan[b], "_region_topk: `input` contains NaN inside a region (batch item ", b, ")");
+    LC_CHECK(false, "_region_topk: `labels` must be >= 0, found ", bad_label[b], " in batch item ", b);
   }
   return {values, argmax, ids};
 }
 
 // Sparse backward: a zero dense gradient (large ones come zero-filled from the kernel, see
 // cpu/output_alloc.h; small ones are memset) plus one scattered value per present region.
-at::Tensor region_max_backward_cpu(const at::Tensor& grad_values, const at::Tensor& argmax,
-                                   c10::SymIntArrayRef input_shape_sym) {
-  const auto input_shape = C10_AS_INTARRAYREF_SLOW(input_shape_sym);
-  TORCH_CHECK(grad_values.dim() == 2 && argmax.sizes() == grad_values.sizes(),
-              "_region_max_backward: `grad_values` and `argmax` must both be (B, R), got ",
-              grad_values.sizes(), " and ", argmax.sizes());
-  TORCH_CHECK(argmax.scalar_type() == at::kLong, "_region_max_backward: `argmax` must be int64");
-  TORCH_CHECK(!input_shape.empty() && input_shape[0] == grad_values.size(0),
+Tensor region_max_backward_cpu(const Tensor& grad_values, const Tensor& argmax, std::vector<int64_t> input_shape) {
+  LC_CHECK(grad_values.dim() == 2 && shape_of(argmax) == shape_of(grad_values),
+           "_region_max_backward: `grad_values` and `argmax` must both be (B, R), got ", shape_of(grad_values),
+           " and ", shape_of(argmax));
+  LC_CHECK(argmax.scalar_type() == ScalarType::Long, "_region_max_backward: `argmax` must be int64");
+  LC_CHECK(is_floating(grad_values.scalar_type()), "_region_max_backward: `grad_values` must be a floating tensor, got ",
+           grad_values.scalar_type());
+  LC_CHECK(grad_values.is_cpu() && argmax.is_cpu(), "_region_max_backward: `grad_values` and `argmax` must both be CPU "
+           "tensors here, got ", device_name(grad_values), " and ", device_name(argmax));
+  LC_CHECK(!input_shape.empty() && input_shape[0] == grad_values.size(0),
               "_region_max_backward: `input_shape` must start with the batch size ", grad_values.size(0));
-  const ZeroedOutput output = empty_or_zeroed_cpu_output(input_shape, grad_values.options(), /*dense=*/false);
-  at::Tensor grad_input = output.tensor;
+  const ZeroedOutput output = empty_or_zeroed_cpu_output(input_shape, grad_values.scalar_type(), /*dense=*/false);
+  Tensor grad_input = output.tensor;
   const int64_t batch = grad_values.size(0), regions = grad_values.size(1);
   const int64_t total = grad_input.numel();
   const int64_t item = batch == 0 ? 0 : total / batch;
   const size_t elem = grad_input.element_size();
-  char* base = static_cast<char*>(grad_input.data_ptr());
+  char* base = static_cast<char*>(grad_input.mutable_data_ptr());
   if (!output.zeroed) {
-    at::parallel_for(0, total, int64_t(1) << 18, [&](int64_t b0, int64_t b1) {
+    torch::stable::parallel_for(0, total, int64_t(1) << 18, [&](int64_t b0, int64_t b1) {
       std::memset(base + b0 * elem, 0, (b1 - b0) * elem);
     });
   }
-  const at::Tensor g = grad_values.contiguous();
-  const at::Tensor a = argmax.contiguous();
-  const int64_t* ap = a.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "lesioncount_region_max_backward", [&] {
-    const scalar_t* gp = g.data_ptr<scalar_t>();
-    scalar_t* out = grad_input.data_ptr<scalar_t>();
+  const Tensor g = dense(grad_values);
+  const Tensor a = dense(argmax);
+  const int64_t* ap = a.const_data_ptr<int64_t>();
+  dispatch_floating(g.scalar_type(), "_region_max_backward", [&](auto scalar_tag) {
+    using scalar_t = decltype(scalar_tag);
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    scalar_t* out = grad_input.mutable_data_ptr<scalar_t>();
     for (int64_t b = 0; b < batch; ++b) {
       for (int64_t r = 0; r < regions; ++r) {
         const int64_t idx = ap[b * regions + r];
         if (idx < 0) continue;
-        TORCH_CHECK(idx < item, "_region_max_backward: `argmax` ", idx, " is outside an item of ", item, " voxels");
+        LC_CHECK(idx < item, "_region_max_backward: `argmax` ", idx, " is outside an item of ", item, " voxels");
         out[b * item + idx] += gp[b * regions + r];
       }
     }
@@ -326,10 +334,10 @@ at::Tensor region_max_backward_cpu(const at::Tensor& grad_values, const at::Tens
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lesioncount, CPU, m) {
-  m.impl("region_max", &region_max_cpu);
-  m.impl("_region_max_backward", &region_max_backward_cpu);
-  m.impl("_region_topk", &region_topk_cpu);
+STABLE_TORCH_LIBRARY_IMPL(lesioncount, CPU, m) {
+  m.impl("region_max", TORCH_BOX(&region_max_cpu));
+  m.impl("_region_max_backward", TORCH_BOX(&region_max_backward_cpu));
+  m.impl("_region_topk", TORCH_BOX(&region_topk_cpu));
 }
 
 }  // namespace lesioncount
