@@ -100,7 +100,7 @@ def test_launch_plan_host_compiled(tmp_path):
     src = tmp_path / "plan_test.cpp"
     src.write_text(_PLAN_TEST)
     exe = tmp_path / "plan_test"
-    subprocess.run([cxx, "-std=c++17", "-O1", "-I", str(ROOT / "csrc"), str(src), "-o", str(exe)], check=True)
+    subprocess.run([cxx, "-std=c++17", "-O1", "-I", str(ROOT / "csrc"), "-I", str(ROOT / "tests" / "cuda_cpu" / "include"), str(src), "-o", str(exe)], check=True)
     out = subprocess.run([str(exe)], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout + out.stderr
 

@@ -21,7 +21,7 @@ namespace cuda {
 namespace {
 
 template <bool BACKWARD>
-int launch(const PbArgs& a, cudaStream_t stream) {
+cudaError_t launch(const PbArgs& a, cudaStream_t stream) {
   if (a.batch <= 0) return cudaSuccess;
   if (BACKWARD && a.K <= 0) return cudaSuccess;
   switch (a.kind) {
@@ -35,8 +35,8 @@ int launch(const PbArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
-int launch_poisson_binomial_forward(const PbArgs& args, cudaStream_t stream) { return launch<false>(args, stream); }
-int launch_poisson_binomial_backward(const PbArgs& args, cudaStream_t stream) { return launch<true>(args, stream); }
+cudaError_t launch_poisson_binomial_forward(const PbArgs& args, cudaStream_t stream) { return launch<false>(args, stream); }
+cudaError_t launch_poisson_binomial_backward(const PbArgs& args, cudaStream_t stream) { return launch<true>(args, stream); }
 
 }  // namespace cuda
 }  // namespace lesioncount

@@ -1,8 +1,9 @@
 // Launcher API of the CUDA Poisson-binomial kernels (csrc/cuda/poisson_binomial.cu).
 //
 // Shared by the nvcc-built .cu and the g++-built torch launcher (poisson_binomial_cuda.cpp). It
-// includes no CUDA or torch header, so the launch plan below can be compiled and tested by a plain
-// C++ compiler on a machine without CUDA (tests/test_cuda_ops.py does).
+// includes no torch header and of CUDA only cuda_runtime_api.h (for cudaError_t / cudaStream_t;
+// the CUDA-on-CPU runtime has a stand-in), so the launch plan below can be compiled and tested by a
+// plain C++ compiler on a machine without CUDA (tests/test_cuda_ops.py does).
 //
 // Two kernels:
 // - "split" (M + 1 <= 16): one warp per batch item. The K candidates are split into 32 contiguous
@@ -24,7 +25,7 @@
 
 #include "common/connectivity.h"  // LC_HOST_DEVICE
 
-typedef struct CUstream_st* cudaStream_t;
+#include <cuda_runtime_api.h>
 
 namespace lesioncount {
 namespace cuda {
@@ -134,17 +135,17 @@ struct PbArgs {
   unsigned char* ok;   // one device byte: set to 0 on NaN, or (without from_logits) p outside [0, 1]
 };
 
-// Enqueue on `stream`; no host sync. Return a cudaError_t value (0 = success).
-int launch_poisson_binomial_forward(const PbArgs& args, cudaStream_t stream);
-int launch_poisson_binomial_backward(const PbArgs& args, cudaStream_t stream);
+// Enqueue on `stream`; no host sync (the launch convention of every op: docs/ARCHITECTURE.md).
+cudaError_t launch_poisson_binomial_forward(const PbArgs& args, cudaStream_t stream);
+cudaError_t launch_poisson_binomial_backward(const PbArgs& args, cudaStream_t stream);
 
 // Internal: the per-dtype halves of the two above (forward when !backward), one per translation unit
 // poisson_binomial_<dtype>.cu so that nvcc compiles the dtypes in parallel; poisson_binomial.cu
 // dispatches on PbArgs::kind.
-int launch_pb_half(const PbArgs& args, bool backward, cudaStream_t stream);
-int launch_pb_bfloat16(const PbArgs& args, bool backward, cudaStream_t stream);
-int launch_pb_float(const PbArgs& args, bool backward, cudaStream_t stream);
-int launch_pb_double(const PbArgs& args, bool backward, cudaStream_t stream);
+cudaError_t launch_pb_half(const PbArgs& args, bool backward, cudaStream_t stream);
+cudaError_t launch_pb_bfloat16(const PbArgs& args, bool backward, cudaStream_t stream);
+cudaError_t launch_pb_float(const PbArgs& args, bool backward, cudaStream_t stream);
+cudaError_t launch_pb_double(const PbArgs& args, bool backward, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace lesioncount
