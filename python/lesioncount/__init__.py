@@ -10,7 +10,7 @@ Example:
     >>> result.pmf.shape                                      # P(C=0..3), P(C>=4)
     torch.Size([2, 5])
 """
-from ._ops import has_ops
+from ._ops import build_info, has_cuda_ops, has_ops
 from .counting import CountResult, cc_count, count_distribution
 from .losses import CountLoss, CountNLL, count_nll, count_nll_terms, count_weight_schedule
 from .ops import label, poisson_binomial, region_max
@@ -27,6 +27,8 @@ __all__ = [
     "count_nll_terms",
     "count_weight_schedule",
     "has_ops",
+    "has_cuda_ops",
+    "build_info",
     "label",
     "poisson_binomial",
     "region_max",

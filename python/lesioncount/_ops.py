@@ -1,8 +1,11 @@
-"""Loads the compiled operator library and attaches fake (meta) kernels and autograd to its ops.
+"""Loads the compiled operator libraries and attaches fake (meta) kernels and autograd to their ops.
 
-The library is a plain shared object (``lesioncount/_C.so``) registering ``torch.ops.lesioncount.*``
-with ``TORCH_LIBRARY``. When it cannot be loaded (or ``LESIONCOUNT_DISABLE_OPS=1`` is set) the public
-functions fall back to :mod:`lesioncount._reference` and :func:`has_ops` returns ``False``.
+The libraries are plain shared objects on the LibTorch stable ABI (one build loads on every torch from
+2.10 on): ``lesioncount/_C.so`` defines ``torch.ops.lesioncount.*`` and registers the CPU kernels;
+``lesioncount/_C_cuda.so``, present in builds with CUDA kernels, registers the CUDA kernels and is
+loaded only under a CUDA build of torch. When ``_C`` cannot be loaded (or ``LESIONCOUNT_DISABLE_OPS=1``
+is set) the public functions fall back to :mod:`lesioncount._reference` and :func:`has_ops` returns
+``False``; :func:`has_cuda_ops` and :func:`build_info` say what the CUDA side has and why.
 """
 from __future__ import annotations
 
@@ -34,11 +37,88 @@ def _load_library() -> bool:
 
 
 HAS_OPS = _load_library()
+_CUDA_LOAD_ERROR: str | None = None
+
+
+def _built_with(name: str) -> str:
+    try:
+        from . import _build_info
+    except ImportError:
+        return ""
+    return str(getattr(_build_info, name, ""))
+
+
+def _load_cuda_library() -> bool:
+    """Loads ``lesioncount/_C_cuda.so`` (the CUDA kernels) when torch is a CUDA build."""
+    global _CUDA_LOAD_ERROR
+    if not HAS_OPS:
+        _CUDA_LOAD_ERROR = f"the compiled library is not loaded ({_LOAD_ERROR})"
+        return False
+    if torch.version.cuda is None:
+        _CUDA_LOAD_ERROR = "this torch is a CPU-only build"
+        return False
+    spec = importlib.util.find_spec("lesioncount._C_cuda")
+    if spec is None or spec.origin is None:
+        _CUDA_LOAD_ERROR = (f"torch has CUDA {torch.version.cuda}, but this build of lesioncount has no CUDA kernels "
+                            "(built against a CPU-only torch or with LESIONCOUNT_CUDA=OFF): install the wheel, or "
+                            "rebuild with LESIONCOUNT_CUDA=ON where nvcc is installed")
+        return False
+    try:
+        torch.ops.load_library(spec.origin)
+        return True
+    except (OSError, RuntimeError) as exc:  # e.g. the CUDA runtime the kernels were built with is missing
+        built = _built_with("CUDA_VERSION")
+        _CUDA_LOAD_ERROR = (f"could not load the CUDA kernels ({exc}); they were built with CUDA {built or '?'}, "
+                            f"this torch uses CUDA {torch.version.cuda}")
+        return False
+
+
+HAS_CUDA_OPS = _load_cuda_library()
 
 
 def has_ops() -> bool:
     """Whether the compiled C++/CUDA ops are loaded (otherwise the pure torch/SciPy fallback runs)."""
     return HAS_OPS
+
+
+def has_cuda_ops() -> bool:
+    """Whether the compiled CUDA kernels are loaded, so that CUDA tensors run on the GPU kernels.
+
+    False under a CPU-only torch, for a build without CUDA kernels, or when the kernels could not be
+    loaded; :func:`build_info` gives the reason (``"cuda_ops_error"``). Example::
+
+        >>> import lesioncount
+        >>> lesioncount.has_cuda_ops() in (True, False)
+        True
+    """
+    return HAS_CUDA_OPS
+
+
+def build_info() -> dict:
+    """What the loaded lesioncount libraries are and how they were built.
+
+    Returns a dict with ``ops`` / ``cuda_ops`` (bool: CPU and CUDA kernels loaded), ``ops_error`` /
+    ``cuda_ops_error`` (why not, else None), ``built_against_torch`` (the torch whose headers compiled
+    the libraries), ``stable_abi_target`` (the oldest torch they load on), ``cuda_version`` and
+    ``cuda_architectures`` of the CUDA kernels ("" when built without them) and ``torch`` (the torch
+    running now). Example::
+
+        >>> import lesioncount
+        >>> info = lesioncount.build_info()
+        >>> sorted(info)[:3]
+        ['built_against_torch', 'cuda_architectures', 'cuda_ops']
+    """
+    return {
+        "ops": HAS_OPS,
+        "ops_error": None if HAS_OPS else _LOAD_ERROR,
+        "cuda_ops": HAS_CUDA_OPS,
+        "cuda_ops_error": None if HAS_CUDA_OPS else _CUDA_LOAD_ERROR,
+        "built_against_torch": _built_with("TORCH_VERSION"),
+        "stable_abi_target": _built_with("STABLE_ABI_TARGET"),
+        "cuda_version": _built_with("CUDA_VERSION"),
+        "cuda_architectures": _built_with("CUDA_ARCHITECTURES"),
+        "torch": torch.__version__,
+    }
 
 
 def warn_fallback() -> None:

@@ -178,21 +178,21 @@ def version_text() -> str:
 
         version = f"{version} (not installed: no package metadata)"
     lines = [f"lesioncount {version} (torch {torch.__version__}, Python {platform.python_version()})"]
-    if _ops.has_ops():
+    info = _ops.build_info()
+    if info["ops"]:
         import importlib.util
 
         spec = importlib.util.find_spec("lesioncount._C")
-        lines.append(f"compiled ops: loaded ({spec.origin if spec else '?'})")
+        lines.append(f"compiled ops: loaded ({spec.origin if spec else '?'}; stable ABI, built against torch "
+                     f"{info['built_against_torch'] or '?'}, loads on torch >= {info['stable_abi_target'] or '?'})")
     else:
-        lines.append(f"compiled ops: not loaded, the pure torch/SciPy fallback runs ({_ops._LOAD_ERROR})")
-    if torch.version.cuda is None:
-        cuda = "no (this torch is a CPU-only build)"
-    elif not _ops.has_kernel("label", torch.device("cuda")):
-        cuda = (f"no (torch has CUDA {torch.version.cuda}, but the library was built without the CUDA kernels: "
-                f"rebuild with LESIONCOUNT_CUDA=ON where nvcc is installed)") if _ops.has_ops() else "no"
-    else:
+        lines.append(f"compiled ops: not loaded, the pure torch/SciPy fallback runs ({info['ops_error']})")
+    if info["cuda_ops"]:
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        cuda = f"loaded (CUDA {torch.version.cuda}; {gpus} GPU{'s' if gpus != 1 else ''} visible)"
+        cuda = (f"loaded (built with CUDA {info['cuda_version']} for {info['cuda_architectures']}; torch CUDA "
+                f"{torch.version.cuda}; {gpus} GPU{'s' if gpus != 1 else ''} visible)")
+    else:
+        cuda = f"no ({info['cuda_ops_error']})"
     lines.append(f"CUDA kernels: {cuda}")
     return "\n".join(lines)
 
