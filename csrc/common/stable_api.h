@@ -123,8 +123,15 @@ inline void dispatch_floating(ScalarType t, const char* op, F&& f) {
 }
 
 // aten::_assert_async.msg: on a CUDA tensor `ok` (a bool scalar), a device-side assertion that
-// fires, with `message`, if `ok` is false when the stream reaches it; no host synchronisation.
+// fires, with `message`, if `ok` is false when the stream reaches it; no host synchronisation. On a
+// CPU tensor (the CUDA-on-CPU test runtime) it is checked at once, as aten::_assert_async does there;
+// this is done here so that the message survives (an exception inside a C shim call reaches the
+// caller only as an error code).
 inline void assert_async(const Tensor& ok, const std::string& message) {
+  if (ok.is_cpu()) {
+    LC_CHECK(*static_cast<const bool*>(ok.const_data_ptr()), message);
+    return;
+  }
   std::array<StableIValue, 2> stack{torch::stable::detail::from(ok), torch::stable::detail::from(message)};
   STABLE_TORCH_ERROR_CODE_CHECK(
       torch_call_dispatcher("aten::_assert_async", "msg", stack.data(), TORCH_ABI_VERSION));

@@ -2,15 +2,9 @@
 // pure-CUDA kernels of region_max.cu on the current stream. No host synchronisation: a label
 // outside [0, num_regions] or a NaN inside a region cannot raise synchronously on the GPU; the
 // kernels skip such voxels (no memory is touched for them) and clear a device flag, which
-// at::_assert_async turns into a device-side assertion (a CUDA error at the next synchronising
+// assert_async (aten::_assert_async) turns into a device-side assertion (a CUDA error at the next synchronising
 // call; like an out-of-range index in torch's own kernels, it leaves the CUDA context unusable).
 // The Python wrapper's own checks run first outside torch.compile / CUDA-graph capture.
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
 #include "common/op_arguments.h"
 #include "cuda/device_tensor.h"
 #include "cuda/region_max_launch.h"
@@ -18,62 +12,57 @@
 namespace lesioncount {
 namespace {
 
-cuda::ValueKind value_kind(at::ScalarType t) {
+cuda::ValueKind value_kind(ScalarType t) {
   switch (t) {
-    case at::kHalf: return cuda::ValueKind::kHalf;
-    case at::kBFloat16: return cuda::ValueKind::kBFloat16;
-    case at::kFloat: return cuda::ValueKind::kFloat;
-    case at::kDouble: return cuda::ValueKind::kDouble;
-    default: TORCH_CHECK(false, "region_max: `input` must be float16, bfloat16, float32 or float64, got ", t);
+    case ScalarType::Half: return cuda::ValueKind::kHalf;
+    case ScalarType::BFloat16: return cuda::ValueKind::kBFloat16;
+    case ScalarType::Float: return cuda::ValueKind::kFloat;
+    case ScalarType::Double: return cuda::ValueKind::kDouble;
+    default: LC_CHECK(false, "region_max: `input` must be float16, bfloat16, float32 or float64, got ", t);
   }
+  return cuda::ValueKind::kFloat;
 }
 
-std::tuple<at::Tensor, at::Tensor> region_max_cuda(const at::Tensor& input, const at::Tensor& labels,
-                                                  int64_t num_regions) {
+std::tuple<Tensor, Tensor> region_max_cuda(const Tensor& input, const Tensor& labels, int64_t num_regions) {
   check_region_max_arguments(input, labels, num_regions);
-  TORCH_CHECK(on_kernel_device(input) && on_kernel_device(labels) && input.device() == labels.device(),
-              "region_max: `input` and `labels` must be on the same CUDA device, got `input` on ",
-              input.device(), " and `labels` on ", labels.device());
-  const c10::cuda::CUDAGuard guard(input.device());
+  LC_CHECK(on_kernel_device(input) && on_kernel_device(labels) && same_device(input, labels),
+           "region_max: `input` and `labels` must be on the same CUDA device, got `input` on ", device_name(input),
+           " and `labels` on ", device_name(labels));
+  const KernelDeviceGuard guard(input);
 
   const int64_t batch = input.size(0);
   const int64_t item_voxels = batch == 0 ? 0 : input.numel() / batch;
-  const at::Tensor x = input.contiguous();
-  const at::Tensor lab = labels.contiguous();
-  at::Tensor values = at::empty({batch, num_regions}, x.options());
-  at::Tensor argmax = at::empty({batch, num_regions}, x.options().dtype(at::kLong));
-  if (batch == 0 || item_voxels == 0) {
-    values.zero_();
-    argmax.fill_(-1);
-    return {values, argmax};
-  }
+  const Tensor x = dense(input);
+  const Tensor lab = dense(labels);
+  if (batch == 0 || item_voxels == 0)
+    return {new_zeros(x, {batch, num_regions}, x.scalar_type()), new_full(x, {batch, num_regions}, ScalarType::Long, -1)};
+  Tensor values = new_empty(x, {batch, num_regions}, x.scalar_type());
+  Tensor argmax = new_empty(x, {batch, num_regions}, ScalarType::Long);
   const cuda::ValueKind kind = value_kind(x.scalar_type());
-  at::Tensor scratch;
+  std::optional<Tensor> scratch;
   if (cuda::region_max_two_pass(kind, item_voxels) && num_regions > 0)
-    scratch = at::empty({batch, num_regions}, x.options().dtype(at::kLong));
-  at::Tensor ok = at::empty({}, x.options().dtype(at::kBool));
-
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
-  C10_CUDA_CHECK(cudaMemsetAsync(ok.data_ptr(), 1, 1, stream));
+    scratch = new_empty(x, {batch, num_regions}, ScalarType::Long);
+  const cudaStream_t stream = current_stream(x);
+  Tensor ok = device_ok_flag(x, stream, "region_max");
   cuda::RegionMaxArgs args{};
-  args.input = x.data_ptr();
-  args.labels = lab.data_ptr();
+  args.input = x.const_data_ptr();
+  args.labels = lab.const_data_ptr();
   args.value_kind = kind;
-  args.label_kind = lab.scalar_type() == at::kInt ? cuda::LabelKind::kInt32 : cuda::LabelKind::kInt64;
+  args.label_kind = lab.scalar_type() == ScalarType::Int ? cuda::LabelKind::kInt32 : cuda::LabelKind::kInt64;
   args.batch = batch;
   args.item_voxels = item_voxels;
   args.num_regions = num_regions;
-  args.values = values.data_ptr();
-  args.argmax = reinterpret_cast<long long*>(argmax.data_ptr<int64_t>());
-  args.scratch = scratch.defined() ? reinterpret_cast<unsigned long long*>(scratch.data_ptr<int64_t>()) : nullptr;
-  args.ok = reinterpret_cast<unsigned char*>(ok.data_ptr<bool>());
-  C10_CUDA_CHECK(static_cast<cudaError_t>(cuda::launch_region_max(args, stream)));
-  at::_assert_async(ok, "region_max: `labels` must lie in [0, num_regions] and `input` must not be NaN inside a region");
+  args.values = values.mutable_data_ptr();
+  args.argmax = reinterpret_cast<long long*>(argmax.mutable_data_ptr<int64_t>());
+  args.scratch = scratch ? reinterpret_cast<unsigned long long*>(scratch->mutable_data_ptr<int64_t>()) : nullptr;
+  args.ok = static_cast<unsigned char*>(ok.mutable_data_ptr());
+  check_cuda(static_cast<cudaError_t>(cuda::launch_region_max(args, stream)), "region_max");
+  assert_async(ok, "region_max: `labels` must lie in [0, num_regions] and `input` must not be NaN inside a region");
   return {values, argmax};
 }
 
 }  // namespace
 
-LC_CUDA_LIBRARY_IMPL(m) { m.impl("region_max", &region_max_cuda); }
+LC_CUDA_LIBRARY_IMPL(m) { m.impl("region_max", TORCH_BOX(&region_max_cuda)); }
 
 }  // namespace lesioncount
