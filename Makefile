@@ -11,7 +11,7 @@ DEMO_PY := $(DEMO_VENV)/bin/python
 SOURCES := $(shell find csrc python tests/cuda_cpu -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.py' 2>/dev/null)
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.torchinductor_cache
 
-.PHONY: demo test test-integration bench env build clean
+.PHONY: demo test test-integration bench env build clean wheel wheel-test
 
 $(VENV)/.deps: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -92,8 +92,65 @@ $(INTEGRATION_VENV)/.built: $(INTEGRATION_VENV)/.deps pyproject.toml CMakeLists.
 test-integration: $(INTEGRATION_VENV)/.built
 	LESIONCOUNT_REQUIRE_NNUNET_COMMANDS=1 $(INTEGRATION_PY) -m pytest -q -m integration tests
 
+# ---- One wheel for every torch >= 2.10 (the LibTorch stable ABI; docs/BUILDING.md) ----
+# `make wheel` builds dist/lesioncount-<version>-py3-none-linux_x86_64.whl with the CPU kernels (_C) and
+# the CUDA kernels (_C_cuda; sm_80 and sm_90 machine code, compute_90 PTX that newer GPUs compile at
+# load), in .venv-wheel-build with a CUDA build of torch (its libtorch_cuda is linked by soname) and
+# nvcc from CUDA_HOME (/usr/local/cuda). It also builds dist/test/_C_cuda_cpu.so, the CUDA kernels on the
+# CPU test runtime (not in the wheel), so that `make wheel-test` can run the CUDA tests without a GPU.
+WHEEL_VENV ?= .venv-wheel-build
+WHEEL_PY := $(WHEEL_VENV)/bin/python
+WHEEL_TORCH ?= torch==2.14.1
+CUDA_ARCHITECTURES ?= 80-real;90-real;90-virtual
+DIST ?= dist
+
+$(WHEEL_VENV)/.deps:
+	test -x $(WHEEL_PY) || $(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_PY) -m pip install -q --no-compile $(WHEEL_TORCH) 'scikit-build-core>=0.10' ninja
+	touch $@
+
+wheel: $(WHEEL_VENV)/.deps
+	rm -f $(DIST)/lesioncount-*.whl
+	LESIONCOUNT_CUDA=ON LESIONCOUNT_CUDA_ON_CPU=OFF $(WHEEL_PY) -m pip wheel --no-build-isolation --no-deps -w $(DIST) \
+	    -Cbuild-dir=build/wheel -Ccmake.define.CMAKE_CUDA_ARCHITECTURES='$(CUDA_ARCHITECTURES)' .
+	cmake -S . -B build/wheel-cuda-on-cpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE=$(abspath $(WHEEL_PY)) \
+	    -DLESIONCOUNT_CUDA=OFF -DLESIONCOUNT_CUDA_ON_CPU=ON -DCMAKE_INSTALL_PREFIX=$(abspath build/wheel-cuda-on-cpu/install)
+	cmake --build build/wheel-cuda-on-cpu
+	cmake --install build/wheel-cuda-on-cpu
+	mkdir -p $(DIST)/test && cp build/wheel-cuda-on-cpu/install/lesioncount/_C_cuda_cpu.so $(DIST)/test/
+	@ls -l $(DIST)/lesioncount-*.whl $(DIST)/test/_C_cuda_cpu.so
+
+# `make wheel-test`: the same wheel file installed into two fresh venvs, torch 2.13.0 (CPU) and torch
+# 2.14.1 (a CUDA build, which runs on the CPU here), each running the op tests, the CUDA tests on the
+# CPU test runtime (the same dist/test/_C_cuda_cpu.so) and tests/test_stable_abi.py.
+WHEEL_TEST_DEPS := numpy scipy pytest hypothesis expecttest
+WHEEL_TESTS := tests/test_stable_abi.py tests/test_label.py tests/test_region_max.py tests/test_region_topk.py \
+    tests/test_poisson_binomial.py tests/test_count_distribution.py tests/test_autodiff.py tests/test_bad_input.py \
+    tests/test_cuda_ops.py tests/test_cuda_label.py tests/test_cuda_cpu_runtime.py
+
+.venv-wheel-torch2.13/.deps:
+	test -x .venv-wheel-torch2.13/bin/python || $(PYTHON) -m venv .venv-wheel-torch2.13
+	.venv-wheel-torch2.13/bin/python -m pip install -q --no-compile torch==2.13.0 $(WHEEL_TEST_DEPS)
+	touch $@
+
+.venv-wheel-torch2.14/.deps:
+	test -x .venv-wheel-torch2.14/bin/python || $(PYTHON) -m venv .venv-wheel-torch2.14
+	.venv-wheel-torch2.14/bin/python -m pip install -q --no-compile torch==2.14.1 $(WHEEL_TEST_DEPS)
+	touch $@
+
+wheel-test: .venv-wheel-torch2.13/.deps .venv-wheel-torch2.14/.deps
+	@test -f $(DIST)/test/_C_cuda_cpu.so && ls $(DIST)/lesioncount-*.whl >/dev/null || { echo "run make wheel first"; exit 1; }
+	set -e; for venv in .venv-wheel-torch2.13 .venv-wheel-torch2.14; do \
+	  echo "== $$venv: installing $$(ls $(DIST)/lesioncount-*.whl)"; \
+	  $$venv/bin/python -m pip install -q --force-reinstall --no-deps $(DIST)/lesioncount-*.whl; \
+	  $$venv/bin/python -c "import lesioncount, torch; print('torch', torch.__version__, lesioncount.build_info())"; \
+	  LESIONCOUNT_REQUIRE_CUDA_ON_CPU=1 LESIONCOUNT_CUDA_ON_CPU_LIBRARY=$(abspath $(DIST)/test/_C_cuda_cpu.so) \
+	    $$venv/bin/python -m pytest -q -p no:cacheprovider $(WHEEL_TESTS); \
+	done
+
 bench: build
 	$(PY) -m pytest -q benchmarks/bench_label.py benchmarks/bench_count.py --benchmark-json=out/bench.json
 
 clean:
-	rm -rf build $(VENV) $(DEMO_VENV) $(INTEGRATION_VENV) .pytest_cache .benchmarks .torchinductor_cache
+	rm -rf build dist $(VENV) $(DEMO_VENV) $(INTEGRATION_VENV) $(WHEEL_VENV) .venv-wheel-torch2.13 .venv-wheel-torch2.14 \
+	    .pytest_cache .benchmarks .torchinductor_cache

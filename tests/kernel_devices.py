@@ -7,6 +7,8 @@ The `kernel_device` fixture is parametrised over
     does), exposed as torch.ops.lesioncount_cuda_cpu on CPU tensors.
 With LESIONCOUNT_REQUIRE_CUDA_ON_CPU=1 (set by `make test`, hence in CI) a missing `_C_cuda_cpu`
 fails the tests instead of skipping them, so the CUDA code cannot silently stop being tested.
+LESIONCOUNT_CUDA_ON_CPU_LIBRARY=/path/_C_cuda_cpu.so loads that file instead of the installed one:
+`make wheel-test` runs one build of it (like the wheel, on the stable ABI) under two torch versions.
 
 Tests write `kd.to(x)` for "x on the kernel device", `kd.ops.<op>` for the op namespace whose kernels
 are the CUDA ones, and `with kd.active():` around calls of the public API (count_distribution,
@@ -28,18 +30,23 @@ _EMULATED_OPS = ("label", "region_max", "poisson_binomial", "_poisson_binomial_b
 
 
 def _load_emulation() -> tuple[bool, str]:
-    try:
-        spec = importlib.util.find_spec("lesioncount._C_cuda_cpu")
-    except ImportError as exc:
-        return False, f"lesioncount is not importable: {exc}"
-    if spec is None or spec.origin is None:
-        return False, "lesioncount was built without the CUDA-on-CPU test library (LESIONCOUNT_CUDA_ON_CPU=ON)"
+    path = os.environ.get("LESIONCOUNT_CUDA_ON_CPU_LIBRARY", "")
+    if not path:
+        try:
+            spec = importlib.util.find_spec("lesioncount._C_cuda_cpu")
+        except ImportError as exc:
+            return False, f"lesioncount is not importable: {exc}"
+        if spec is None or spec.origin is None:
+            return False, "lesioncount was built without the CUDA-on-CPU test library (LESIONCOUNT_CUDA_ON_CPU=ON)"
+        path = spec.origin
+    elif not os.path.isfile(path):
+        return False, f"LESIONCOUNT_CUDA_ON_CPU_LIBRARY={path} does not exist"
     import lesioncount  # noqa: F401  (the main library first, as in every user process)
 
     try:
-        torch.ops.load_library(spec.origin)
+        torch.ops.load_library(path)
     except (OSError, RuntimeError) as exc:
-        return False, f"cannot load {spec.origin}: {exc}"
+        return False, f"cannot load {path}: {exc}"
     return True, ""
 
 

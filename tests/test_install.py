@@ -19,13 +19,45 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def readme_install_block(readme: str) -> str:
-    """The first ```bash block of the README's ``## Install`` section, as written."""
+def _install_subsection(readme: str, title: str) -> str:
     section = re.search(r"^## Install\n(.*?)(?=^## )", readme, flags=re.S | re.M)
     assert section, "README.md has no '## Install' section"
-    block = re.search(r"^```bash\n(.*?)^```", section.group(1), flags=re.S | re.M)
-    assert block, "the README's Install section has no ```bash block"
+    sub = re.search(rf"^### {re.escape(title)}\n(.*?)(?=^### |\Z)", section.group(1), flags=re.S | re.M)
+    assert sub, f"the README's Install section has no '### {title}' subsection"
+    return sub.group(1)
+
+
+def _first_bash_block(text: str, where: str) -> str:
+    block = re.search(r"^```bash\n(.*?)^```", text, flags=re.S | re.M)
+    assert block, f"{where} has no ```bash block"
     return block.group(1)
+
+
+def readme_install_block(readme: str) -> str:
+    """The ```bash block of the README's ``## Install`` / ``### From source`` subsection, as written."""
+    return _first_bash_block(_install_subsection(readme, "From source"), "Install / From source")
+
+
+def readme_wheel_block(readme: str) -> str:
+    """The ```bash block of the README's wheel route (the first subsection of ``## Install``)."""
+    return _first_bash_block(_install_subsection(readme, "The wheel: build once, install anywhere"),
+                             "Install / The wheel")
+
+
+def test_readme_leads_with_the_wheel_that_make_wheel_builds():
+    """The wheel route comes first and names the file `make wheel` writes (version from pyproject.toml)."""
+    import tomllib
+
+    readme = (ROOT / "README.md").read_text()
+    install = re.search(r"^## Install\n(.*?)(?=^## )", readme, flags=re.S | re.M).group(1)
+    assert install.index("### The wheel") < install.index("### From source")
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    wheel = f"dist/lesioncount-{version}-py3-none-linux_x86_64.whl"
+    commands = [line.split("#")[0].strip() for line in readme_wheel_block(readme).splitlines()]
+    assert commands[0] == "make wheel", commands
+    assert f"pip install {wheel}" in commands, (wheel, commands)
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^wheel:", makefile, flags=re.M) and re.search(r"^wheel-test:", makefile, flags=re.M)
 
 
 def test_readme_install_block_names_the_build_requirements():
