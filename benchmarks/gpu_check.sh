@@ -10,7 +10,10 @@
 # that no longer fits prints "== NAME: SKIPPED (budget ...)" and the run goes on to the table:
 #   0. preflight: GPU, driver, torch, nvcc, pytest plugins, and compute-sanitizer's own --help lines
 #      for kernel filtering (the memcheck filter syntax is chosen from them, see 5.)
-#   1. build + install with the CUDA kernels for sm_90 against the device's own torch (<= 240 s)
+#   1. install: the wheel carried from the development machine (dist/lesioncount-*.whl, from
+#      `make wheel`; run the device tool with carry ["dist"]) when the device's torch is >= 2.10,
+#      the wheel's stable-ABI floor (seconds, no compile); else build + install with the CUDA
+#      kernels for sm_90 against the device's own torch (<= 240 s)
 #   2. CUDA-vs-CPU parity smoke, seconds (benchmarks/gpu_sanitize_case.py); benchmarks are only
 #      trusted when it passes
 #   3. GPU benchmarks: bench_gpu_label.py, bench_gpu_count.py (pytest-benchmark JSON); their CPU
@@ -195,14 +198,23 @@ if (( DRY_RUN )); then
     STATUS=1; note runtime "FAILED: $(tail -n 1 "$BUILD_LOG")"
   fi
 else
-  if run_step build 240 "$BUILD_LOG" env LESIONCOUNT_CUDA=ON \
-      $PY -m pip install -v --no-build-isolation --no-index --no-deps . \
-      -Cbuild-dir=build/gpu-check -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90; then
+  WHEEL=$(ls dist/lesioncount-*-py3-none-linux_x86_64.whl 2>/dev/null | head -n 1)
+  TORCH_OK_FOR_WHEEL=$($PY -c "import torch; v = tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]); print(int(v >= (2, 10) and torch.version.cuda is not None and torch.version.cuda.split('.')[0] == '13'))" 2>/dev/null || echo 0)
+  if [[ -n "$WHEEL" && "$TORCH_OK_FOR_WHEEL" == 1 ]]; then
+    echo "install: carried wheel $WHEEL (stable ABI, torch >= 2.10, CUDA 13)" | tee -a "$BUILD_LOG"
+    INSTALL_CMD=($PY -m pip install -v --no-index --no-deps --force-reinstall "$WHEEL")
+  else
+    echo "install: building from source (wheel: ${WHEEL:-none}; torch suitable for it: $TORCH_OK_FOR_WHEEL)" | tee -a "$BUILD_LOG"
+    INSTALL_CMD=(env LESIONCOUNT_CUDA=ON $PY -m pip install -v --no-build-isolation --no-index --no-deps .
+                 -Cbuild-dir=build/gpu-check -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90)
+  fi
+  if run_step build 240 "$BUILD_LOG" "${INSTALL_CMD[@]}"; then
     BUILD_OK=1
     $PY - <<'EOF' 2>&1 | tee -a "$BUILD_LOG"
 import torch, lesioncount
-print("has_ops", lesioncount.has_ops())
-for op in ("label", "region_max", "poisson_binomial", "_poisson_binomial_backward"):
+print("has_ops", lesioncount.has_ops(), "has_cuda_ops", lesioncount.has_cuda_ops())
+print("build_info", lesioncount.build_info())
+for op in ("label", "region_max", "_region_topk", "_region_max_backward", "poisson_binomial", "_poisson_binomial_backward"):
     print(op, "CUDA kernel:", torch._C._dispatch_has_kernel_for_dispatch_key(f"lesioncount::{op}", "CUDA"))
 EOF
   else
