@@ -2,6 +2,9 @@
 // torch on the input's device, kernels enqueued on the current stream (csrc/cuda/label.cu).
 // No device-to-host synchronisation: `num` stays on the device. An item containing NaN gets
 // num[b] = -1 and all-zero labels (the CPU kernel raises instead; raising here would need a sync).
+// With check_probabilities, the labeler's first pass clears a device flag on a value outside [0, 1]
+// or NaN, and an at::_assert_async on that flag raises (asynchronously on a GPU, at the next
+// synchronising call; at once on the CUDA-on-CPU test runtime) with the CPU kernel's message.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -20,10 +23,8 @@
 namespace lesioncount {
 namespace {
 
-// `check_probabilities` is accepted for schema compatibility and not enforced here: raising would need
-// a host sync; count_distribution checks CUDA inputs with a device-side assertion instead.
 std::tuple<at::Tensor, at::Tensor> label_cuda(const at::Tensor& input, double threshold, int64_t connectivity,
-                                             int64_t min_size, bool /*check_probabilities*/) {
+                                             int64_t min_size, bool check_probabilities) {
   TORCH_CHECK(input.dim() == 3 || input.dim() == 4,
               "label: `input` must have shape (B, H, W) for 2D or (B, D, H, W) for 3D, got ", input.dim(),
               " dimensions ", input.sizes());
@@ -65,9 +66,16 @@ std::tuple<at::Tensor, at::Tensor> label_cuda(const at::Tensor& input, double th
 
   const size_t ws_bytes = cuda::label_workspace_bytes(shape);
   at::Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
+  // check_probabilities: 1 while every value lies in [0, 1] (set and cleared on the device)
+  at::Tensor in_range;
+  if (check_probabilities) in_range = at::empty({}, x.options().dtype(at::kBool));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   C10_CUDA_CHECK(cuda::label_launch(shape, x.const_data_ptr(), type, threshold, labels.data_ptr(),
-                                    num.data_ptr<int64_t>(), workspace.data_ptr(), ws_bytes, stream));
+                                    num.data_ptr<int64_t>(), workspace.data_ptr(), ws_bytes, stream,
+                                    check_probabilities ? static_cast<uint8_t*>(in_range.data_ptr()) : nullptr));
+  if (check_probabilities)
+    at::_assert_async(in_range, "label: `input` must hold probabilities in [0, 1] without NaN "
+                                "(pass from_logits=True for logits)");
   return {labels, num};
 }
 
