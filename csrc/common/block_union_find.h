@@ -234,7 +234,7 @@ LC_HOST_DEVICE inline index_t node_id(const Problem<index_t>& p, const BlockCoor
 
 #if defined(__CUDACC__)
 // CUDA policy: device atomics; loads are volatile (served by L2, never a stale L1 line) because
-// other threads relink roots concurrently during the merge phase.
+// other threads link roots and halve paths concurrently during the merge phase.
 struct CudaAtomics {
   template <typename T>
   __device__ static T load(const T* p) { return *reinterpret_cast<const volatile T*>(p); }
@@ -283,9 +283,10 @@ LC_HOST_DEVICE inline index_t uf_find(const index_t* parent, index_t x) {
 //       it has seen with parent[x] != x.
 //   (b) trees never split: a halving store replaces x's parent by a node of x's own tree, and a CAS
 //       only hangs a whole tree under a node of another tree. The value stored, g = parent[p] read
-//       after p = parent[x], was an ancestor of x when read, so it is still in x's tree when stored
-//       (perhaps no longer on x's path, if another thread halved past it: a store that loses such a
-//       race only puts back a less-compressed parent), and g < p < x: parents point to smaller ids.
+//       after p = parent[x], is in x's tree (p was, trees never split, and a parent is in its
+//       child's tree), though perhaps no longer on x's path if another thread halved past it (a
+//       store that loses such a race only puts back a less-compressed parent); and g < p < x:
+//       parents point to smaller ids.
 //   (c) so the partition into trees changes only through the CAS links of uf_union, exactly as
 //       without compression; no cycle can form and every walk strictly decreases, so it
 //       terminates; the root of a tree is its smallest node id, the component's first voxel in
