@@ -15,8 +15,8 @@
 
 LC_TORCH_LIBRARY_EXPANDED(LC_OPS_NAMESPACE, m) {
   // Connected components of `input > threshold` per batch item, numbered like scipy.ndimage.label.
-  // check_probabilities: also reject values outside [0, 1] in the same pass (CPU; the CUDA kernel
-  // ignores it and count_distribution asserts on the device instead).
+  // check_probabilities: also reject values outside [0, 1] in the same pass (CPU: an error; CUDA: a
+  // device flag of the first pass and a device-side assertion, no host sync).
   m.def("label(Tensor input, float threshold, int connectivity, int min_size, bool check_probabilities=False) -> (Tensor labels, Tensor num)");
   // Per-region maximum and the first flat index reaching it; column r-1 holds label r.
   m.def("region_max(Tensor input, Tensor labels, int num_regions) -> (Tensor values, Tensor argmax)");

@@ -405,3 +405,275 @@ def test_cuda_label_under_other_schedules(cuda_on_cpu, emulation_settings, rank,
     after = cuda_on_cpu.stats()
     assert after["launches"] - before["launches"] >= 4 * (7 + 6)  # every phase ran as its own launch
     assert after["switches"] > before["switches"] + after["threads"] - before["threads"]  # threads interleaved
+
+
+# --------------------------------------------------------------------------------------------
+# Adversarial maps for the merge phase: long snakes and spirals (deep union-find chains whose root,
+# the first voxel in raster order, is far along the path), checkerboards (every voxel its own
+# component, or everything joined only through diagonals), 50% noise. The merge phase's finds halve
+# the paths they walk while other threads link roots (block_union_find.h, uf_find_halving): the labels
+# must stay exactly SciPy's, for every connectivity, block order and interleaving.
+# --------------------------------------------------------------------------------------------
+
+
+def _spiral(h: int, w: int) -> np.ndarray:
+    """A one-voxel-wide clockwise square spiral from (0, 0) inwards, its turns one voxel apart: one
+    path of about h * w / 2 voxels (one component under every connectivity)."""
+    a = np.zeros((h, w), dtype=bool)
+    y = x = 0
+    dy, dx = 0, 1
+    a[0, 0] = True
+
+    def inside(yy, xx):
+        return 0 <= yy < h and 0 <= xx < w
+
+    while True:
+        for _ in range(2):  # straight on while the voxel after the next one is free, else turn right
+            ny, nx = y + dy, x + dx
+            if inside(ny, nx) and not a[ny, nx] and not (inside(ny + dy, nx + dx) and a[ny + dy, nx + dx]):
+                y, x = ny, nx
+                a[y, x] = True
+                break
+            dy, dx = dx, -dy
+        else:
+            return a
+
+
+def _serpentine(h: int, w: int) -> np.ndarray:
+    """Rows 0, 2, 4, ... joined alternately at the right and the left end: one boustrophedon path."""
+    a = np.zeros((h, w), dtype=bool)
+    a[::2] = True
+    for k, y in enumerate(range(1, h, 2)):
+        a[y, w - 1 if k % 2 == 0 else 0] = True
+    return a
+
+
+def _snake_3d(d: int, h: int, w: int) -> np.ndarray:
+    """A serpentine in every even slice, alternately reversed, consecutive ones joined through one
+    voxel of the odd slice between them where one ends and the next starts: one path through the
+    volume."""
+    a = np.zeros((d, h, w), dtype=bool)
+    s = _serpentine(h, w)
+    last_row = (h - 1) // 2 * 2
+    end = (last_row, w - 1 if (last_row // 2) % 2 == 0 else 0)  # where the serpentine from (0, 0) ends
+    for z in range(0, d, 2):
+        forward = (z // 2) % 2 == 0
+        a[z] = s if forward else s[::-1, ::-1]
+        if z + 2 < d:
+            a[(z + 1,) + (end if forward else (0, 0))] = True
+    return a
+
+
+def _flips(a: np.ndarray) -> np.ndarray:
+    """The map and its mirror images along every axis: the root (first voxel in raster order) at
+    either end of the path, and unions arriving in the opposite order."""
+    out = [a]
+    for axis in range(a.ndim):
+        out.append(np.flip(a, axis))
+    out.append(np.flip(a, tuple(range(a.ndim))))
+    return np.ascontiguousarray(np.stack(out))
+
+
+def _adversarial_maps(rank: int) -> dict:
+    rng = make_rng(4321 + rank)
+    if rank == 2:
+        y, x = np.indices((46, 51))
+        return {
+            "spiral": _flips(_spiral(131, 127)),
+            "spiral-wide": _flips(_spiral(23, 140)),
+            "serpentine": _flips(_serpentine(97, 128)),
+            "checkerboard": np.stack([(y + x) % 2 == 0, (y + x) % 2 == 1]),
+            "diagonals": np.stack([(y + x) % 3 == 0, (y - x) % 3 == 0, (y + x) % 2 == (y // 3) % 2]),
+            "block-checkerboard": np.stack([(y // 2 + x // 2) % 2 == 0, ((y + 1) // 2 + (x + 1) // 2) % 2 == 0]),
+            "noise-50": rng.random((3, 160, 161)) < 0.5,
+        }
+    z, y, x = np.indices((10, 13, 12))
+    tube = np.repeat(_spiral(29, 27)[None], 3, axis=0)  # a spiral extruded through 3 slices
+    return {
+        "snake": _flips(_snake_3d(15, 25, 26)),
+        "spiral-tube": _flips(tube),
+        "checkerboard": np.stack([(z + y + x) % 2 == 0, (z + y + x) % 2 == 1]),
+        "diagonal-planes": np.stack([(z + y + x) % 3 == 0, (z - y + x) % 3 == 0, (y + x) % 2 == (z // 2) % 2]),
+        "block-checkerboard": np.stack([
+            (z // 2 + y // 2 + x // 2) % 2 == 0,
+            ((z + 1) // 2 + (y + 1) // 2 + (x + 1) // 2) % 2 == 0,
+        ]),
+        "noise-50": rng.random((2, 32, 48, 49)) < 0.5,
+    }
+
+
+def test_adversarial_maps_are_what_they_claim():
+    """The generators: one long path each (so the labeler sees deep chains), and the checkerboards
+    split exactly as expected."""
+    import scipy.ndimage as ndi
+
+    for a in (_spiral(131, 127), _spiral(23, 140), _serpentine(97, 128)):
+        assert ndi.label(a)[1] == 1 and a.sum() > a.size // 2 - max(a.shape)
+    snake = _snake_3d(15, 25, 26)
+    assert ndi.label(snake)[1] == 1 and snake.sum() > 8 * 13 * 26
+    board = _adversarial_maps(3)["checkerboard"][0]
+    assert ndi.label(board)[1] == board.sum()  # 6-connectivity: every voxel alone
+    assert ndi.label(board, np.ones((3, 3, 3)))[1] == 1  # 18/26: one component through diagonals
+
+
+@pytest.mark.parametrize("rank,conn", ALL_CONNECTIVITIES)
+def test_cuda_adversarial_maps_match_scipy(kernel_device, rank, conn):
+    """Deep chains, checkerboards and 50% noise: labels (int32) equal scipy.ndimage.label's and the
+    CPU op's, with and without the size filter."""
+    for name, fg in _adversarial_maps(rank).items():
+        labels, _ = kernel_label(kernel_device, torch.from_numpy(fg), 0.5, conn)
+        assert labels.dtype == torch.int32, name
+        assert_scipy(kernel_device, fg, conn)
+        x = torch.from_numpy(fg).to(torch.float32) * 0.75
+        assert_parity(kernel_device, x, 0.5, conn)
+        assert_parity(kernel_device, x, 0.5, conn, min_size=3)
+
+
+@pytest.mark.parametrize("rank,conn", ALL_CONNECTIVITIES)
+def test_cuda_adversarial_maps_under_other_schedules(cuda_on_cpu, emulation_settings, rank, conn):
+    """The racy path-halving stores of the merge phase under other block orders, host-thread counts
+    and intra-block interleavings (every atomic yields with probability 0, 1/2 or 1), and on the int64
+    path: the labels never change."""
+    maps = _adversarial_maps(rank)
+    names = ("spiral", "noise-50") if rank == 2 else ("snake", "noise-50")
+    expected = {n: scipy_label_batch(maps[n], conn) for n in names}
+    for workers, seed, yield_p, large in ((1, 11, 0.0, 0), (4, 12, 0.5, 0), (3, 13, 1.0, 0), (8, 15, 0.1, 0),
+                                           (2, 14, 0.5, 1)):
+        emulation_settings(workers, seed, yield_p, large)
+        for n in names:
+            labels, num = cuda_on_cpu.ops.label(torch.from_numpy(maps[n]), 0.5, conn, 0)
+            assert labels.dtype == (torch.int64 if large else torch.int32)
+            np.testing.assert_array_equal(labels.numpy(), expected[n][0], err_msg=f"{n} {workers} {seed}")
+            np.testing.assert_array_equal(num.numpy(), expected[n][1])
+
+
+# --------------------------------------------------------------------------------------------
+# check_probabilities on CUDA: the first pass clears a device flag on a value outside [0, 1] (or NaN),
+# which at::_assert_async turns into an error (synchronous on the CUDA-on-CPU runtime; a device-side
+# assertion on a GPU, see test_cuda_check_probabilities_device_assert).
+# --------------------------------------------------------------------------------------------
+
+RANGE_MESSAGE = r"label: `input` must hold probabilities in \[0, 1\]"
+
+
+def _outside_unit_interval(dtype):
+    """Values of `dtype` outside [0, 1], the closest ones included."""
+    if dtype == torch.uint8:
+        return [2, 255]
+    above_one = {torch.float16: 1 + 2**-10, torch.bfloat16: 1 + 2**-7, torch.float32: 1 + 2**-23,
+                 torch.float64: 1 + 2**-52}[dtype]
+    tiny = torch.finfo(dtype).tiny
+    return [above_one, -tiny, 1.5, -0.1, float("inf"), -float("inf"), float("nan")]
+
+
+@pytest.mark.parametrize("dtype", LABEL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 5, 6, 7), (3, 9, 8)], ids=["3d", "2d"])
+def test_cuda_check_probabilities(cuda_on_cpu, dtype, shape):
+    """check_probabilities=True: any value outside [0, 1] (the nearest ones, +-inf) or NaN, in any
+    batch item, raises with the CPU kernel's message; in-range values (0, -0.0, 1 included) do not,
+    and the labels equal the CPU op's. check_probabilities=False never raises (NaN: num = -1)."""
+    ops = cuda_on_cpu.ops
+    conn = 26 if len(shape) == 4 else 8
+    rng = make_rng(5)
+    base = torch.from_numpy(rng.random(shape)).to(dtype) if dtype.is_floating_point else \
+        torch.from_numpy(rng.random(shape) < 0.5).to(dtype)
+    edge = base.clone().flatten(1)
+    edge[0, :3] = torch.tensor([0.0, 1.0, -0.0 if dtype.is_floating_point else 1.0]).to(dtype)
+    edge = edge.view(shape)
+    for x in (base, edge):
+        got = ops.label(x, 0.5, conn, 0, True)
+        exp = torch.ops.lesioncount.label(x, 0.5, conn, 0, True)
+        assert torch.equal(got[0], exp[0]) and torch.equal(got[1], exp[1])
+    if dtype == torch.bool:
+        return  # always in [0, 1]
+    for item in (0, shape[0] - 1):
+        for bad in _outside_unit_interval(dtype):
+            x = base.clone()
+            x.view(shape[0], -1)[item, 7] = bad
+            with pytest.raises(RuntimeError, match=RANGE_MESSAGE):
+                ops.label(x, 0.5, conn, 0, True)
+            with pytest.raises(RuntimeError, match=RANGE_MESSAGE):  # the CPU kernel: same words
+                torch.ops.lesioncount.label(x, 0.5, conn, 0, True)
+            labels, num = ops.label(x, 0.5, conn, 0, False)
+            if bad != bad:
+                assert int(num[item]) == -1 and bool((labels[item] == 0).all())
+            else:
+                exp = torch.ops.lesioncount.label(x, 0.5, conn, 0, False)
+                assert torch.equal(labels, exp[0]) and torch.equal(num, exp[1])
+
+
+def test_cuda_check_probabilities_min_size_and_int64_path(cuda_on_cpu, emulation_settings):
+    """The check does not depend on the size filter or on the index width."""
+    x = torch.rand(2, 6, 7, 8)
+    x[1, 5, 6, 7] = 1.0 + 2**-23
+    for large in (0, 1):
+        emulation_settings(large_item_paths=large)
+        for min_size in (0, 4):
+            with pytest.raises(RuntimeError, match=RANGE_MESSAGE):
+                cuda_on_cpu.ops.label(x, 0.1, 18, min_size, True)
+            cuda_on_cpu.ops.label(x.clamp(0, 1), 0.1, 18, min_size, True)
+
+
+@pytest.mark.parametrize("max_lesions", [None, 4])
+def test_cuda_count_distribution_checks_in_labeler(kernel_device, max_lesions):
+    """count_distribution on the CUDA kernels: probabilities outside [0, 1] and NaN raise (the labeler's
+    check, no separate pass), with the CPU path's words; logits may lie anywhere, NaN logits raise
+    where the result is read on the host (max_lesions=None)."""
+    import lesioncount as lc
+
+    kd = kernel_device
+    if not kd.emulated:
+        pytest.skip("on a GPU the assertion poisons the context: test_cuda_check_probabilities_device_assert")
+    x = torch.rand(2, 6, 7, 8)
+    for bad in (1.5, -0.25, float("nan")):
+        y = x.clone()
+        y[1, 2, 3, 4] = bad
+        with pytest.raises((ValueError, RuntimeError), match=r"`input`.*(\[0, 1\]|NaN)"):
+            with kd.active():
+                lc.count_distribution(kd.to(y), max_count=3, max_lesions=max_lesions)
+    z = (x - 0.5) * 20  # logits, far outside [0, 1]
+    exp = lc.count_distribution(z, max_count=3, max_lesions=max_lesions, from_logits=True)
+    with kd.active():
+        got = lc.count_distribution(kd.to(z), max_count=3, max_lesions=max_lesions, from_logits=True)
+    assert torch.equal(got.labels.cpu(), exp.labels)
+    torch.testing.assert_close(got.pmf.cpu(), exp.pmf, rtol=1e-6, atol=1e-7)
+    if max_lesions is None:
+        z[0, 1, 1, 1] = float("nan")
+        with pytest.raises(ValueError, match="NaN"):
+            with kd.active():
+                lc.count_distribution(kd.to(z), max_count=3, from_logits=True)
+
+
+_RANGE_SCRIPT = """
+import sys, torch, lesioncount
+x = torch.rand(2, 8, 9, 10, device="cuda")
+x[1, 3, 4, 5] = float(sys.argv[1])
+if sys.argv[2] == "op":
+    torch.ops.lesioncount.label(x, 0.5, 18, 0, True)
+else:
+    lesioncount.count_distribution(x, max_count=3, max_lesions=4)
+try:
+    torch.cuda.synchronize()
+except RuntimeError as exc:  # the asynchronous device assertion surfaces here
+    print("DEVICE-ERROR", exc)
+    sys.exit(3)
+print("NO-ERROR")
+"""
+
+
+@pytest.mark.parametrize("bad,where", [("1.5", "op"), ("-0.5", "count"), ("nan", "count"), ("0.5", "op")])
+def test_cuda_check_probabilities_device_assert(bad, where):
+    """On a GPU: the labeler's flag becomes a device-side assertion (in a subprocess: it poisons the
+    CUDA context); an in-range value runs clean."""
+    import os
+    import subprocess
+    import sys
+
+    if not (torch.cuda.is_available() and HAS_REAL_CUDA_KERNELS):
+        pytest.skip("needs a CUDA device and the CUDA build")
+    out = subprocess.run([sys.executable, "-c", _RANGE_SCRIPT, bad, where], capture_output=True, text=True,
+                         env=dict(os.environ), timeout=300)
+    if bad == "0.5":
+        assert out.returncode == 0 and "NO-ERROR" in out.stdout, out.stdout + out.stderr
+    else:
+        assert out.returncode != 0 and "NO-ERROR" not in out.stdout, out.stdout + out.stderr

@@ -17,9 +17,12 @@
 //            entry is read before the last phase overwrites it); block masks 1 byte per block.
 //
 //   1. init      threshold the block's voxels (fused, exact `double(v) > threshold`), store its
-//                mask, parent[node] = node; record NaN per item.
+//                mask, parent[node] = node; record NaN per item; with check_probabilities, clear
+//                the launch's in-range flag on a value outside [0, 1] (or NaN).
 //   2. merge     union each node with the touching nodes of the preceding neighbour blocks
-//                (13 directions in 3D, 4 in 2D 8, 3/2 for voxel-level 6/4).
+//                (13 directions in 3D, 4 in 2D 8, 3/2 for voxel-level 6/4). Roots are linked with
+//                an atomic compare-and-swap, smaller root id on top; every find halves the path it
+//                walks (uf_find_halving), so trees stay shallow even on 50% noise.
 //   3. compress  parent[node] = root. Without min_size, roots set their bit in a per-item root
 //                bitmap; with min_size, component sizes are accumulated at the root (atomicAdd).
 //   4. flag      (min_size > 1 only) roots of components with size >= min_size set their bit.
@@ -164,6 +167,8 @@ struct Problem {
   uint32_t* roots;     // [batch, words] bit r set: r is a kept component's first voxel; zeroed
   int64_t* offsets;    // [batch * words + 1] exclusive prefix sum of popcount(roots)
   int32_t* nan_flags;  // [batch] nonzero: the item contains NaN; zeroed
+  uint8_t* in_range;   // [1] check_probabilities: set to 1 before the first pass, cleared (0) by a
+                       // value outside [0, 1] or NaN; null when the values are not checked
   int64_t* num;        // [batch] output component counts (-1 for an item with NaN)
 };
 
@@ -229,13 +234,20 @@ LC_HOST_DEVICE inline index_t node_id(const Problem<index_t>& p, const BlockCoor
 
 #if defined(__CUDACC__)
 // CUDA policy: device atomics; loads are volatile (served by L2, never a stale L1 line) because
-// other threads relink roots concurrently during the merge phase.
+// other threads link roots and halve paths concurrently during the merge phase.
 struct CudaAtomics {
   template <typename T>
   __device__ static T load(const T* p) { return *reinterpret_cast<const volatile T*>(p); }
-  __device__ static int32_t fetch_min(int32_t* p, int32_t v) { return atomicMin(p, v); }
-  __device__ static int64_t fetch_min(int64_t* p, int64_t v) {
-    return static_cast<int64_t>(atomicMin(reinterpret_cast<long long*>(p), static_cast<long long>(v)));
+  // Plain (volatile, so neither cached nor elided) store: path compression, see uf_find_halving.
+  template <typename T>
+  __device__ static void store(T* p, T v) { *reinterpret_cast<volatile T*>(p) = v; }
+  __device__ static int32_t cas(int32_t* p, int32_t expected, int32_t desired) {
+    return atomicCAS(p, expected, desired);
+  }
+  __device__ static int64_t cas(int64_t* p, int64_t expected, int64_t desired) {
+    return static_cast<int64_t>(atomicCAS(reinterpret_cast<unsigned long long*>(p),
+                                          static_cast<unsigned long long>(expected),
+                                          static_cast<unsigned long long>(desired)));
   }
   __device__ static int32_t fetch_add(int32_t* p, int32_t v) { return atomicAdd(p, v); }
   __device__ static int64_t fetch_add(int64_t* p, int64_t v) {
@@ -246,7 +258,8 @@ struct CudaAtomics {
 };
 #endif
 
-// Root of x (no compression: parent[x] <= x always holds, so this terminates).
+// Root of x without writing anything (phase 3, where other threads write final roots).
+// parent[x] < x for every non-root x, so the walk strictly decreases and terminates.
 template <typename A, typename index_t>
 LC_HOST_DEVICE inline index_t uf_find(const index_t* parent, index_t x) {
   index_t p = A::load(parent + x);
@@ -257,23 +270,60 @@ LC_HOST_DEVICE inline index_t uf_find(const index_t* parent, index_t x) {
   return x;
 }
 
-// Joins the trees of a and b, linking the larger root under the smaller with an atomic min.
-// If the larger root was relinked by another thread in between, atomicMin returns its new parent
-// and the loop continues from there (Playne & Hawick / BUF). Parents only ever decrease.
+// Root of x with path halving (merge phase): every second node on the walk is relinked to its
+// grandparent, so a chain of length L is walked in about L/2 steps and left half as long; repeated
+// finds keep the trees shallow (without it, 50% noise builds chains of thousands of nodes that every
+// later find walks again).
+//
+// Why the racy plain stores are safe, while other threads link roots (uf_union) and halve paths:
+//   (a) a root r is only ever written by uf_union's compare-and-swap parent[r]: r -> a with a < r,
+//       which succeeds only while r is still a root; a node that is not a root never becomes one
+//       again, since every value written into parent[y] afterwards is < y (below). So the CAS and
+//       the halving stores never write the same node at the same time: halving writes only nodes x
+//       it has seen with parent[x] != x.
+//   (b) trees never split: a halving store replaces x's parent by a node of x's own tree, and a CAS
+//       only hangs a whole tree under a node of another tree. The value stored, g = parent[p] read
+//       after p = parent[x], is in x's tree (p was, trees never split, and a parent is in its
+//       child's tree), though perhaps no longer on x's path if another thread halved past it (a
+//       store that loses such a race only puts back a less-compressed parent); and g < p < x:
+//       parents point to smaller ids.
+//   (c) so the partition into trees changes only through the CAS links of uf_union, exactly as
+//       without compression; no cycle can form and every walk strictly decreases, so it
+//       terminates; the root of a tree is its smallest node id, the component's first voxel in
+//       raster order (SciPy's numbering).
+// Stale reads (a parent that another thread has just lowered) only cost extra steps: the walk goes
+// on until it reads parent[x] == x, and a root's CAS fails if the root was linked meanwhile.
+template <typename A, typename index_t>
+LC_HOST_DEVICE inline index_t uf_find_halving(index_t* parent, index_t x) {
+  index_t p = A::load(parent + x);
+  while (p != x) {
+    const index_t g = A::load(parent + p);
+    if (g == p) return p;
+    A::store(parent + x, g);  // x is not a root (p != x); g is an ancestor of x, g < p < x
+    x = g;
+    p = A::load(parent + x);
+  }
+  return x;
+}
+
+// Joins the trees of a and b: links the larger root under the smaller with a compare-and-swap that
+// succeeds only while the larger one is still a root (so no root is ever relinked, and only
+// uf_find_halving's stores touch non-roots). If the CAS fails, another thread linked that root in
+// between; the loop goes on from its new parent (ECL-CC style; Jaiganesh & Burtscher, HPDC 2018).
 template <typename A, typename index_t>
 LC_HOST_DEVICE inline void uf_union(index_t* parent, index_t a, index_t b) {
   for (;;) {
-    a = uf_find<A>(parent, a);
-    b = uf_find<A>(parent, b);
+    a = uf_find_halving<A>(parent, a);
+    b = uf_find_halving<A>(parent, b);
     if (a == b) return;
     if (a > b) {
       const index_t t = a;
       a = b;
       b = t;
     }
-    const index_t old = A::fetch_min(parent + b, a);  // a < b
+    const index_t old = A::cas(parent + b, b, a);  // a < b
     if (old == b) return;
-    b = old;
+    b = old;  // b was linked under old < b meanwhile
   }
 }
 
@@ -293,24 +343,26 @@ LC_HOST_DEVICE inline index_t label_of_root(const Problem<index_t>& p, int64_t b
 // the phases, one call per (item b, block blk); each is one kernel on the GPU
 // ---------------------------------------------------------------------------------------------
 
-// Phase 1. `fg(global_voxel_index, nan)` returns whether the voxel is foreground and sets `nan` on
-// a NaN. Stores the block mask and initialises its nodes.
+// Phase 1. `fg(global_voxel_index, nan, out_of_range)` returns whether the voxel is foreground,
+// sets `nan` on a NaN and, only if it checks values (then p.in_range is not null), `out_of_range`
+// on a value outside [0, 1] or NaN. Stores the block mask and initialises its nodes.
 template <int Conn, typename A, typename index_t, typename Foreground>
 LC_HOST_DEVICE inline void init_block(const Problem<index_t>& p, int64_t b, index_t blk,
                                       const Foreground& fg) {
   const BlockCoord<index_t> c = block_coord<Conn>(p, blk);
   const int64_t item = b * static_cast<int64_t>(p.voxels);
   uint32_t mask = 0;
-  bool nan = false;
+  bool nan = false, out_of_range = false;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
   for (int i = 0; i < 8; ++i) {
     if (i >= block_voxels(Conn) || !voxel_inside<Conn>(p, c, i)) continue;
-    if (fg(item + voxel_index<Conn>(p, c, i), nan)) mask |= 1u << i;
+    if (fg(item + voxel_index<Conn>(p, c, i), nan, out_of_range)) mask |= 1u << i;
   }
   p.masks[b * static_cast<int64_t>(p.nblocks) + blk] = static_cast<uint8_t>(mask);
   if (nan) p.nan_flags[b] = 1;
+  if (out_of_range) *p.in_range = 0;  // every writer stores the same 0: a benign race
   uint32_t nodes[2];
   const int n = node_masks(Conn, mask, nodes);
   index_t* parent = p.parent + item;

@@ -5,7 +5,7 @@
 // the launcher. No torch headers here (see label_launch.h / label_cuda.cpp).
 //
 // Launch sequence on one stream, no host synchronisation:
-//   memset(root bitmap, NaN flags) -> init -> merge -> compress -> [flag, only with min_size > 1]
+//   memset(root bitmap, NaN flags) [-> memset(in-range flag) = 1] -> init -> merge -> compress -> [flag, only with min_size > 1]
 //   -> tile sums -> tile scan (1 CTA) -> word offsets -> final labels + num.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -42,14 +42,18 @@ __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162f
 __device__ __forceinline__ float to_float(uint8_t v) { return static_cast<float>(v); }
 
 // float, half, bfloat16, uint8 (bool is read as uint8): value > threshold in float64 <=> float
-// value > the largest float <= threshold (exact, as on the CPU).
+// value > the largest float <= threshold (exact, as on the CPU). With `check` (check_probabilities),
+// a value outside [0, 1] or NaN also sets out_of_range (the conversion to float is exact, so the
+// range test is the CPU kernel's); a uniform branch, no extra memory traffic.
 template <typename T>
 struct FloatForeground {
   const T* __restrict__ x;
   float bound;
-  __device__ __forceinline__ bool operator()(int64_t i, bool& nan) const {
+  bool check;
+  __device__ __forceinline__ bool operator()(int64_t i, bool& nan, bool& out_of_range) const {
     const float v = to_float(x[i]);
     if (v != v) nan = true;
+    if (check && !(v >= 0.0f && v <= 1.0f)) out_of_range = true;
     return v > bound;
   }
 };
@@ -57,9 +61,11 @@ struct FloatForeground {
 struct DoubleForeground {
   const double* __restrict__ x;
   double bound;
-  __device__ __forceinline__ bool operator()(int64_t i, bool& nan) const {
+  bool check;
+  __device__ __forceinline__ bool operator()(int64_t i, bool& nan, bool& out_of_range) const {
     const double v = x[i];
     if (v != v) nan = true;
+    if (check && !(v >= 0.0 && v <= 1.0)) out_of_range = true;
     return v > bound;
   }
 };
@@ -223,7 +229,7 @@ inline dim3 scan_grid(int64_t ntiles) { return dim3(static_cast<unsigned>(ntiles
 
 template <int Conn, typename index_t>
 cudaError_t launch_typed(const LabelShape& s, const void* input, LabelInputType type, double threshold,
-                         void* labels, int64_t* num, char* ws, cudaStream_t stream) {
+                         void* labels, int64_t* num, uint8_t* in_range, char* ws, cudaStream_t stream) {
   const Layout l = make_layout(s);
   Problem<index_t> p;
   buf::set_shape(p, Conn, s.batch, s.depth, s.height, s.width, s.min_size);
@@ -233,12 +239,15 @@ cudaError_t launch_typed(const LabelShape& s, const void* input, LabelInputType 
   p.roots = reinterpret_cast<uint32_t*>(ws + l.roots);
   p.offsets = reinterpret_cast<int64_t*>(ws + l.offsets);
   p.nan_flags = reinterpret_cast<int32_t*>(ws + l.nan_flags);
+  p.in_range = in_range;
   p.num = num;
   int64_t* tile_sums = reinterpret_cast<int64_t*>(ws + l.tile_sums);
   const int64_t total_words = s.batch * l.words;
 
   cudaError_t err = cudaMemsetAsync(ws + l.memset_begin, 0, l.memset_bytes, stream);
   if (err != cudaSuccess) return err;
+  const bool check = in_range != nullptr;
+  if (check && (err = cudaMemsetAsync(in_range, 1, 1, stream)) != cudaSuccess) return err;
 
   const dim3 grid = phase_grid(l.nblocks, s.batch);
   const float fbound = buf::float_bound_below(threshold);
@@ -246,23 +255,23 @@ cudaError_t launch_typed(const LabelShape& s, const void* input, LabelInputType 
     case kLabelInputBool:
     case kLabelInputUInt8:
       err = launch_kernel(init_kernel<Conn, index_t, FloatForeground<uint8_t>>, grid, kThreads, 0, stream, p,
-                          FloatForeground<uint8_t>{static_cast<const uint8_t*>(input), fbound});
+                          FloatForeground<uint8_t>{static_cast<const uint8_t*>(input), fbound, check});
       break;
     case kLabelInputHalf:
       err = launch_kernel(init_kernel<Conn, index_t, FloatForeground<__half>>, grid, kThreads, 0, stream, p,
-                          FloatForeground<__half>{static_cast<const __half*>(input), fbound});
+                          FloatForeground<__half>{static_cast<const __half*>(input), fbound, check});
       break;
     case kLabelInputBFloat16:
       err = launch_kernel(init_kernel<Conn, index_t, FloatForeground<__nv_bfloat16>>, grid, kThreads, 0, stream, p,
-                          FloatForeground<__nv_bfloat16>{static_cast<const __nv_bfloat16*>(input), fbound});
+                          FloatForeground<__nv_bfloat16>{static_cast<const __nv_bfloat16*>(input), fbound, check});
       break;
     case kLabelInputFloat:
       err = launch_kernel(init_kernel<Conn, index_t, FloatForeground<float>>, grid, kThreads, 0, stream, p,
-                          FloatForeground<float>{static_cast<const float*>(input), fbound});
+                          FloatForeground<float>{static_cast<const float*>(input), fbound, check});
       break;
     case kLabelInputDouble:
       err = launch_kernel(init_kernel<Conn, index_t, DoubleForeground>, grid, kThreads, 0, stream, p,
-                          DoubleForeground{static_cast<const double*>(input), threshold});
+                          DoubleForeground{static_cast<const double*>(input), threshold, check});
       break;
     default:
       return cudaErrorInvalidValue;
@@ -289,9 +298,10 @@ cudaError_t launch_typed(const LabelShape& s, const void* input, LabelInputType 
 
 template <int Conn>
 cudaError_t launch_conn(const LabelShape& s, const void* input, LabelInputType type, double threshold,
-                        void* labels, int64_t* num, char* ws, cudaStream_t stream) {
-  if (label_is_wide(s)) return launch_typed<Conn, int64_t>(s, input, type, threshold, labels, num, ws, stream);
-  return launch_typed<Conn, int32_t>(s, input, type, threshold, labels, num, ws, stream);
+                        void* labels, int64_t* num, uint8_t* in_range, char* ws, cudaStream_t stream) {
+  if (label_is_wide(s))
+    return launch_typed<Conn, int64_t>(s, input, type, threshold, labels, num, in_range, ws, stream);
+  return launch_typed<Conn, int32_t>(s, input, type, threshold, labels, num, in_range, ws, stream);
 }
 
 }  // namespace
@@ -308,16 +318,16 @@ size_t label_workspace_bytes(const LabelShape& s) { return make_layout(s).total;
 
 cudaError_t label_launch(const LabelShape& s, const void* input, LabelInputType type, double threshold,
                          void* labels, int64_t* num, void* workspace, size_t workspace_bytes,
-                         cudaStream_t stream) {
+                         cudaStream_t stream, uint8_t* in_range) {
   if (s.batch <= 0 || s.depth <= 0 || s.height <= 0 || s.width <= 0) return cudaErrorInvalidValue;
   if (workspace_bytes < label_workspace_bytes(s)) return cudaErrorInvalidValue;
   char* ws = static_cast<char*>(workspace);
   switch (s.connectivity) {
-    case 4: return launch_conn<4>(s, input, type, threshold, labels, num, ws, stream);
-    case 8: return launch_conn<8>(s, input, type, threshold, labels, num, ws, stream);
-    case 6: return launch_conn<6>(s, input, type, threshold, labels, num, ws, stream);
-    case 18: return launch_conn<18>(s, input, type, threshold, labels, num, ws, stream);
-    case 26: return launch_conn<26>(s, input, type, threshold, labels, num, ws, stream);
+    case 4: return launch_conn<4>(s, input, type, threshold, labels, num, in_range, ws, stream);
+    case 8: return launch_conn<8>(s, input, type, threshold, labels, num, in_range, ws, stream);
+    case 6: return launch_conn<6>(s, input, type, threshold, labels, num, in_range, ws, stream);
+    case 18: return launch_conn<18>(s, input, type, threshold, labels, num, in_range, ws, stream);
+    case 26: return launch_conn<26>(s, input, type, threshold, labels, num, in_range, ws, stream);
     default: return cudaErrorInvalidValue;
   }
 }

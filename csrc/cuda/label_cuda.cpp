@@ -2,6 +2,9 @@
 // torch on the input's device, kernels enqueued on the current stream (csrc/cuda/label.cu).
 // No device-to-host synchronisation: `num` stays on the device. An item containing NaN gets
 // num[b] = -1 and all-zero labels (the CPU kernel raises instead; raising here would need a sync).
+// With check_probabilities, the labeler's first pass clears a device flag on a value outside [0, 1]
+// or NaN, and assert_async on that flag raises (asynchronously on a GPU, at the next synchronising
+// call; at once on the CUDA-on-CPU test runtime) with the CPU kernel's message.
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -14,10 +17,8 @@
 namespace lesioncount {
 namespace {
 
-// `check_probabilities` is accepted for schema compatibility and not enforced here: raising would need
-// a host sync; count_distribution checks CUDA inputs with a device-side assertion instead.
 std::tuple<Tensor, Tensor> label_cuda(const Tensor& input, double threshold, int64_t connectivity,
-                                      int64_t min_size, bool /*check_probabilities*/) {
+                                      int64_t min_size, bool check_probabilities) {
   check_label_arguments(input, threshold, connectivity, min_size);
   LC_CHECK(on_kernel_device(input), "label: expected a CUDA tensor for `input`, got one on ", device_name(input));
   const int spatial_rank = static_cast<int>(input.dim()) - 1;
@@ -49,10 +50,16 @@ std::tuple<Tensor, Tensor> label_cuda(const Tensor& input, double threshold, int
 
   const size_t ws_bytes = cuda::label_workspace_bytes(shape);
   Tensor workspace = new_empty(x, {static_cast<int64_t>(ws_bytes)}, ScalarType::Byte);
+  // check_probabilities: 1 while every value lies in [0, 1] (set and cleared on the device)
+  std::optional<Tensor> in_range;
+  if (check_probabilities) in_range = new_empty(x, {}, ScalarType::Bool);
   const cudaStream_t stream = current_stream(x);
   check_cuda(cuda::label_launch(shape, x.const_data_ptr(), type, threshold, labels.mutable_data_ptr(),
-                                num.mutable_data_ptr<int64_t>(), workspace.mutable_data_ptr(), ws_bytes, stream),
+                                num.mutable_data_ptr<int64_t>(), workspace.mutable_data_ptr(), ws_bytes, stream,
+                                in_range ? static_cast<uint8_t*>(in_range->mutable_data_ptr()) : nullptr),
              "label");
+  if (in_range)
+    assert_async(*in_range, "label: `input` must hold probabilities in [0, 1] without NaN (pass from_logits=True for logits)");
   return {labels, num};
 }
 

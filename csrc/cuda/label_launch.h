@@ -43,9 +43,12 @@ size_t label_workspace_bytes(const LabelShape& shape);
 // numbered 1..K in raster order of their first voxel (= scipy.ndimage.label), consecutively after
 // the min_size filter. Enqueued on `stream`; never synchronises. batch and the item size must be
 // positive. Returns the first launch error (cudaSuccess otherwise).
+// `in_range` (device, one byte; null: values not checked) is check_probabilities: the launcher sets
+// it to 1 and the first pass clears it to 0 if any value lies outside [0, 1] or is NaN (the caller
+// turns it into a device-side assertion; no host sync).
 cudaError_t label_launch(const LabelShape& shape, const void* input, LabelInputType type, double threshold,
                          void* labels, int64_t* num, void* workspace, size_t workspace_bytes,
-                         cudaStream_t stream);
+                         cudaStream_t stream, uint8_t* in_range = nullptr);
 
 }  // namespace cuda
 }  // namespace lesioncount

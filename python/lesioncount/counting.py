@@ -72,8 +72,11 @@ def _prepare(input, threshold, connectivity, from_logits, mask):
         raise TypeError(f"`input` must be a floating tensor of probabilities or logits, got {x.dtype}")
     check_connectivity(connectivity, x.dim() - 1)
     threshold = check_threshold(threshold, probability=True)
-    if not (x.device.type == "cpu" and _ops.has_kernel("label", x.device)):
-        check_values(x, probabilities=not from_logits)  # the CPU label kernel checks in its own pass
+    # The label kernels check the values in their own first pass (label(check_probabilities=True)):
+    # the CPU one NaN and [0, 1], the CUDA one [0, 1] and NaN for probabilities (a device-side
+    # assertion, no extra pass). CUDA logits keep this pass: the CUDA labeler only marks NaN (num = -1).
+    if not (_ops.has_kernel("label", x.device) and (x.device.type == "cpu" or not from_logits)):
+        check_values(x, probabilities=not from_logits)
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
             raise TypeError("`mask` must be a torch.Tensor")

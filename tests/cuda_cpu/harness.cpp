@@ -336,6 +336,17 @@ int main() {
         CHECK(labels[b * n + i] == ref[i], "conn %d item %d voxel %lld: label %d, expected %d", conn, b, (long long)i,
               labels[b * n + i], ref[i]);
     }
+    // check_probabilities: the first pass clears the in-range byte on a value outside [0, 1] only
+    std::vector<int32_t> again(B * n);
+    uint8_t in_range = 7;
+    CHECK(label_launch(s, x.data(), kLabelInputFloat, 0.5, again.data(), num.data(), ws.data(), ws.size(), nullptr,
+                       &in_range) == 0 && in_range == 1 && again == labels,
+          "conn %d: in-range input flagged (%d) or labelled differently", conn, in_range);
+    std::vector<float> bad(x);
+    bad[B * n - 1] = 1.0f + 1.0f / 8388608.0f;
+    CHECK(label_launch(s, bad.data(), kLabelInputFloat, 0.5, again.data(), num.data(), ws.data(), ws.size(), nullptr,
+                       &in_range) == 0 && in_range == 0,
+          "conn %d: a value above 1 not flagged", conn);
   }
   std::printf("ok\n");
   return 0;
