@@ -182,6 +182,8 @@ class TrainConfig:
     def count_weight_at(self, epoch: int) -> float:
         """Weight of the count NLL in epoch ``epoch`` (0-based); 0 during pre-training / post-hoc.
 
+        :func:`lesioncount.count_weight_schedule` (the one schedule, also nnU-Net's) with
+        ``w1 = count_weight``, ``w2 = count_weight_growth``, ``pretrain_epochs`` and no cap:
         ``count_weight * exp(count_weight_growth * (epoch - pretrain_epochs))`` from epoch
         ``pretrain_epochs`` on (paper: 0.001 * exp(0.06 t)).
 
@@ -190,9 +192,11 @@ class TrainConfig:
             >>> cfg.count_weight_at(19), round(cfg.count_weight_at(30), 6)
             (0.0, 0.001822)
         """
-        if self.post_hoc_only or epoch < self.pretrain_epochs or self.count_weight == 0:
+        from ..losses import count_weight_schedule
+
+        if self.post_hoc_only:
             return 0.0
-        return float(self.count_weight * math.exp(self.count_weight_growth * (epoch - self.pretrain_epochs)))
+        return count_weight_schedule(epoch, self.count_weight, self.count_weight_growth, self.pretrain_epochs)
 
     def to_dict(self) -> dict:
         """Plain dict of every field (tuples as lists), ready for YAML / checkpoints.
