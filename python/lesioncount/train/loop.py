@@ -458,9 +458,12 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 
 
 def _atomic_save(obj, path: pathlib.Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save(obj)`` to ``path`` through :func:`lesioncount.io.atomic_file` (the one atomic
+    writer: hidden temporary file, fsync, ``os.replace``; removed if saving fails)."""
+    from ..io import atomic_file
+
+    with atomic_file(path, "wb") as f:
+        torch.save(obj, f)
 
 
 # ----------------------------------------------------------------------------------------------
