@@ -101,7 +101,7 @@ def _demo_figure(path, probs, result, true_counts, cc_counts, cc_tau):
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from . import cc_count, count_distribution, has_ops
+    from . import cc_count, count_distribution, count_nll, has_ops
     from ._extras import available
     from .synthetic import demo_batch
 
@@ -119,7 +119,7 @@ def run_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     result = count_distribution(probs, threshold=args.threshold, connectivity=args.connectivity,
                                 max_count=args.max_count)
-    loss = -result.log_pmf.gather(1, true_counts.clamp_max(args.max_count).view(-1, 1)).mean()
+    loss = count_nll(result.log_pmf, true_counts)  # the one count-loss rule (lesioncount.count_nll_terms)
     loss.backward()
     elapsed = time.perf_counter() - t0
     result = result._replace(**{f: getattr(result, f).detach() for f in ("pmf", "log_pmf", "lesion_probs", "expected_count", "entropy")})

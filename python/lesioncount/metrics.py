@@ -477,14 +477,15 @@ def _per_item_errors(p, t, M, expected_count, log_pmf):
     else:
         e = p.to(torch.float64) @ torch.arange(M + 1, dtype=torch.float64, device=p.device)
         abs_err = (e - t.clamp_max(M).to(torch.float64)).abs()
-    tb = t.clamp_max(M).unsqueeze(1)
+    from .losses import count_nll_terms  # the one NLL rule (tail bin M, +inf where infeasible)
+
     if log_pmf is not None:
         if not isinstance(log_pmf, torch.Tensor) or log_pmf.shape != p.shape:
             raise ValueError(f"`log_pmf` must have the shape of `pmf` {tuple(p.shape)}")
-        nll = -log_pmf.detach().to(device=p.device, dtype=torch.float64).gather(1, tb).squeeze(1)
+        log_p = log_pmf.detach().to(device=p.device, dtype=torch.float64)
     else:
-        nll = -p.to(torch.float64).gather(1, tb).squeeze(1).log()
-    return abs_err, nll
+        log_p = p.to(torch.float64).log()
+    return abs_err, count_nll_terms(log_p, t).nll
 
 
 def _metrics_from_items(p, t, abs_err, nll, M, n_bins) -> dict[str, torch.Tensor]:

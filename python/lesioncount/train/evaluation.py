@@ -270,6 +270,7 @@ def summarize(ev: ModelEvaluation, fractions=DISCARD_FRACTIONS) -> dict:
         'cc_count (tau=0.5)'
     """
     from .. import metrics
+    from ..losses import count_nll_terms
 
     M = ev.max_count
     seg_ece, seg_mce = ev.voxels.calibration_errors()
@@ -283,7 +284,7 @@ def summarize(ev: ModelEvaluation, fractions=DISCARD_FRACTIONS) -> dict:
 
     ours = scores(ev.pmf, ev.pmf.argmax(1))
     target_bins = ev.counts.clamp_max(M)
-    nll = -ev.log_pmf.gather(1, target_bins.view(-1, 1)).squeeze(1)
+    nll = count_nll_terms(ev.log_pmf, ev.counts).nll  # the one NLL rule: tail bin M, +inf where P = 0
     ours["count_nll"] = float(nll.mean())  # +inf as soon as one case is infeasible (kept honest)
     # infeasible: more true lesions (tail bin: M) than candidates, so P(C = count) = 0 and the NLL is +inf
     # (a count head's softmax is never 0: no case is infeasible for it)
@@ -316,7 +317,7 @@ def summarize(ev: ModelEvaluation, fractions=DISCARD_FRACTIONS) -> dict:
     pmfs = [(ev.method, ev.pmf)]
     if ev.mc_pmf is not None:
         mc = scores(ev.mc_pmf, ev.mc_pmf.argmax(1))
-        mc_nll = -torch.log(ev.mc_pmf.gather(1, target_bins.view(-1, 1)).squeeze(1))
+        mc_nll = count_nll_terms(torch.log(ev.mc_pmf), ev.counts).nll
         mc_infeasible = ~torch.isfinite(mc_nll)
         mc.update({"count_nll": float(mc_nll.mean()), "count_infeasible": float(mc_infeasible.double().mean()),
                    "count_nll_feasible": float(mc_nll[~mc_infeasible].mean()) if bool((~mc_infeasible).any()) else nan,
