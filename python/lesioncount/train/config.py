@@ -26,6 +26,9 @@ import pathlib
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .._validation import CONNECTIVITIES as _VALID_CONNECTIVITIES
+from .._validation import DEFAULT_CONNECTIVITY
+
 __all__ = [
     "ConfigError",
     "TrainConfig",
@@ -39,7 +42,7 @@ DATA_SOURCES = ("phantom", "anatomy", "nnunet")
 # "unet": counting by this method (post hoc / multi-task); the others: the paper's parametric count heads
 MODEL_TYPES = ("unet", "bottleneck", "multihead", "downstream")
 AMP_MODES = ("auto", "bf16", "fp16", "none")
-CONNECTIVITIES = (6, 18, 26)
+CONNECTIVITIES = _VALID_CONNECTIVITIES[3]  # 3-D volumes: the rule of lesioncount._validation
 
 
 class ConfigError(ValueError):
@@ -67,7 +70,7 @@ class TrainConfig:
     num_val: int = 10
     num_test: int = 10
     shape: tuple[int, int, int] = (32, 64, 64)
-    connectivity: int = 18
+    connectivity: int = DEFAULT_CONNECTIVITY[3]
     augment: bool = True
     num_workers: int = 0
     # model: "unet" (this method) or a parametric count-head baseline (lesioncount.train.count_heads)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .._validation import DEFAULT_CONNECTIVITY
 from ..metrics import VoxelStats  # noqa: F401 (re-exported: its home is lesioncount.metrics)
 from .config import ConfigError, TrainConfig
 
@@ -140,7 +141,7 @@ class ModelEvaluation:
 def evaluate_model(model: torch.nn.Module, dataset: Dataset, *, name: str = "model", checkpoint: str = "",
                    device="cpu", batch_size: int = 2, amp_dtype: torch.dtype | None = None,
                    count_threshold: float = 0.1, baseline_threshold: float = 0.5, seg_threshold: float = 0.5,
-                   connectivity: int = 18, max_count: int = 4, n_bins: int = 10,
+                   connectivity: int = DEFAULT_CONNECTIVITY[3], max_count: int = 4, n_bins: int = 10,
                    sweep_thresholds=SWEEP_THRESHOLDS, num_workers: int = 0, attack=None,
                    mc_samples: int = 0, mc_threshold: float = 0.5, mc_seed: int = 0) -> ModelEvaluation:
     """Run ``model`` over ``dataset`` and collect everything Table 1 / C.1 need (see module doc).
