@@ -11,6 +11,8 @@ import time
 
 import torch
 
+from .commands._options import add_count_options
+
 
 def _format_pmf(pmf, max_count: int) -> str:
     names = [f"P({j})" for j in range(max_count)] + [f"P({max_count}+)"]
@@ -213,9 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "CUDA kernels are loaded")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="count lesions on an embedded synthetic batch (no input needed)")
-    demo.add_argument("--threshold", type=float, default=0.1)
-    demo.add_argument("--connectivity", type=int, default=18, choices=(6, 18, 26))
-    demo.add_argument("--max-count", type=int, default=4)
+    add_count_options(demo, threshold="", connectivity="", max_count="")
     demo.add_argument("--figure", default="lesioncount-demo.png", metavar="PNG",
                       help="where to write the demo's figure (default: lesioncount-demo.png in the current "
                            "folder; '' for none)")

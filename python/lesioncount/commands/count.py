@@ -140,6 +140,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ._options import add_count_options
+
 
 def default_workers() -> int:
     """The default ``--workers``: the CPU cores this process may run on (its affinity mask).
@@ -166,18 +168,13 @@ def register(subparsers) -> None:
     p.add_argument("-i", "--input", required=True, type=pathlib.Path,
                    help="a case file or a folder of them (.nii, .nii.gz, nnU-Net .npz, .npy)")
     p.add_argument("-o", "--output", required=True, type=pathlib.Path, help="output folder (created)")
-    p.add_argument("--threshold", type=float, default=0.1,
-                   help="candidate threshold, a probability in [0, 1) even with --from-logits (default 0.1)")
-    p.add_argument("--connectivity", type=int, default=18, choices=(6, 18, 26), help="3-D neighbourhood (default 18)")
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--min-size", type=int, default=0, help="drop candidates with fewer voxels (default 0)")
-    size.add_argument("--min-volume", type=float, default=None,
-                      help="drop candidates smaller than this many mm^3 (ceil(V / voxel volume) voxels per case)")
-    p.add_argument("--max-count", type=int, default=4, help="M: bins 0..M-1 and 'M or more' (default 4)")
-    p.add_argument("--from-logits", action="store_true", help="the maps hold logits, not probabilities")
-    p.add_argument("--channel", type=int, default=None,
-                   help="lesion channel of multi-channel inputs, 0-based (default: 1 for nnU-Net .npz; a 4-D "
-                        "NIfTI with several volumes needs it)")
+    add_count_options(
+        p, threshold="candidate threshold, a probability in [0, 1) even with --from-logits (default 0.1)",
+        connectivity="3-D neighbourhood (default 18)", min_size="drop candidates with fewer voxels (default 0)",
+        min_volume="drop candidates smaller than this many mm^3 (ceil(V / voxel volume) voxels per case)",
+        max_count="M: bins 0..M-1 and 'M or more' (default 4)", from_logits="the maps hold logits, not probabilities",
+        channel="lesion channel of multi-channel inputs, 0-based (default: 1 for nnU-Net .npz; a 4-D "
+                "NIfTI with several volumes needs it)")
     p.add_argument("--mask", type=pathlib.Path, default=None,
                    help="region of interest: one mask file for all cases, or a folder of per-case masks CASE.nii.gz")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to count (default cpu)")
@@ -203,8 +200,7 @@ def register(subparsers) -> None:
                           help="keep existing CASE.json files (their rows still go into the summary)")
     p.add_argument("--allow-missing-geometry", action="store_true",
                    help="nnU-Net .npz without its sibling CASE.nii.gz: use the identity affine instead of failing")
-    p.add_argument("--baseline-threshold", type=float, default=0.5,
-                   help="threshold of the cc_count baseline (default 0.5)")
+    add_count_options(p, baseline_threshold="threshold of the cc_count baseline (default 0.5)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no final summary line")
     p.set_defaults(func=run)
 

@@ -49,6 +49,13 @@ import sys
 import time
 import warnings
 
+from ._options import add_count_options
+from ._options import float_list as _float_list
+from ._options import nonneg_float as _nonneg_float
+from ._options import nonneg_int as _nonneg_int
+from ._options import positive_int as _positive_int
+from ._options import probability as _probability
+
 HELP = "score count distributions and the cc_count baseline against ground-truth masks (report, CSV, plots)"
 
 DEFAULT_THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(1, 10))
@@ -57,53 +64,12 @@ METHOD = "count_distribution"
 BASELINE = "cc_count"
 
 
-def _float_list(text: str, lo: float, hi: float, hi_open: bool = True) -> tuple[float, ...]:
-    # argparse prefixes these messages with "argument --NAME:", so they do not repeat the name
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one number")
-    for v in values:
-        ok = lo <= v < hi if hi_open else lo <= v <= hi
-        if not ok or math.isnan(v):
-            raise argparse.ArgumentTypeError(f"{v} is outside [{lo}, {hi}{')' if hi_open else ']'}")
-    return tuple(sorted(set(values)))
-
-
 def _thresholds(text: str) -> tuple[float, ...]:
     return _float_list(text, 0.0, 1.0)
 
 
 def _fractions(text: str) -> tuple[float, ...]:
     return _float_list(text, 0.0, 1.0)
-
-
-def _probability(text: str) -> float:
-    if "," in text:
-        raise argparse.ArgumentTypeError(f"expected one number, got {text!r}")
-    return _float_list(text, 0.0, 1.0)[0]
-
-
-def _bounded(cast, minimum, what: str):
-    """An argparse ``type`` parsing ``cast(text)`` and requiring a finite value >= ``minimum``."""
-
-    def parse(text: str):
-        try:
-            v = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not (math.isfinite(v) and v >= minimum):
-            raise argparse.ArgumentTypeError(f"expected {what} >= {minimum}, got {text}")
-        return v
-
-    return parse
-
-
-_positive_int = _bounded(int, 1, "an integer")
-_nonneg_int = _bounded(int, 0, "an integer")
-_nonneg_float = _bounded(float, 0, "a finite number")
 
 
 def _iou(text: str) -> float:
@@ -141,17 +107,12 @@ def register(subparsers) -> None:
     p.add_argument("--report-threshold", type=_probability, default=0.1,
                    help="threshold of the accuracy-vs-discarded curve and the reliability diagram "
                         "(added to the sweep if missing)")
-    p.add_argument("--connectivity", type=int, default=18, choices=(6, 18, 26))
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--min-size", type=_nonneg_int, default=0,
-                      help="drop candidates and GT lesions with fewer voxels")
-    size.add_argument("--min-volume", type=_nonneg_float, default=None,
-                      help="drop candidates and GT lesions smaller than this many mm^3 (per-case voxel size)")
-    p.add_argument("--max-count", type=_positive_int, default=4, help="M: count bins 0..M-1 and 'M or more'")
-    p.add_argument("--from-logits", action="store_true", help="the maps hold logits (thresholds stay probabilities)")
-    p.add_argument("--channel", type=_nonneg_int, default=None,
-                   help="lesion channel of multi-channel maps, 0-based (default: 1 for nnU-Net .npz; a 4-D NIfTI "
-                        "with several volumes needs it)")
+    add_count_options(
+        p, connectivity="", min_size="drop candidates and GT lesions with fewer voxels",
+        min_volume="drop candidates and GT lesions smaller than this many mm^3 (per-case voxel size)",
+        max_count="M: count bins 0..M-1 and 'M or more'", from_logits="the maps hold logits (thresholds stay probabilities)",
+        channel="lesion channel of multi-channel maps, 0-based (default: 1 for nnU-Net .npz; a 4-D NIfTI "
+                "with several volumes needs it)", checked=True)
     p.add_argument("--n-bins", type=_positive_int, default=10, help="confidence bins of ECE/MCE and the reliability diagram")
     p.add_argument("--discard-fractions", type=_fractions, default=DEFAULT_DISCARD_FRACTIONS,
                    help="comma-separated fractions in [0, 1) of most uncertain cases to discard")

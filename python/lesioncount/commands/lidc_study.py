@@ -32,6 +32,8 @@ import pathlib
 import sys
 import time
 
+from ._options import add_count_options
+
 HELP = "LIDC-IDRI reader-agreement maps as probability maps: count distribution vs consensus counts, FROC"
 LEVELS = (1, 2, 3, 4)
 
@@ -43,9 +45,8 @@ def register(subparsers) -> None:
     p.add_argument("-o", "--output", required=True, type=pathlib.Path, help="output folder (created)")
     p.add_argument("--limit", type=int, default=None, help="only the first N scans (by scan id)")
     p.add_argument("--scan-ids", type=str, default=None, help="comma-separated scan ids (instead of all)")
-    p.add_argument("--threshold", type=float, default=0.1, help="candidate threshold on the agreement map")
-    p.add_argument("--connectivity", type=int, default=18, choices=(6, 18, 26))
-    p.add_argument("--max-count", type=int, default=4, help="M: count bins 0..M-1 and 'M or more'")
+    add_count_options(p, threshold="candidate threshold on the agreement map", connectivity="",
+                      max_count="M: count bins 0..M-1 and 'M or more'")
     p.add_argument("--n-bins", type=int, default=10, help="confidence bins of ECE and the reliability diagrams")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
