@@ -52,7 +52,6 @@ import warnings
 from ._options import add_count_options
 from ._options import float_list as _float_list
 from ._options import nonneg_float as _nonneg_float
-from ._options import nonneg_int as _nonneg_int
 from ._options import positive_int as _positive_int
 from ._options import probability as _probability
 
