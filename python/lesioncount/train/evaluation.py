@@ -25,7 +25,6 @@ Example:
 """
 from __future__ import annotations
 
-import csv
 import math
 import pathlib
 from contextlib import nullcontext
@@ -34,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .._tables import CC_COUNT, COUNT_DISTRIBUTION, markdown_table, write_csv, write_markdown
 from .._validation import DEFAULT_CONNECTIVITY
 from ..metrics import VoxelStats  # noqa: F401 (re-exported: its home is lesioncount.metrics)
 from .config import ConfigError, TrainConfig
@@ -52,8 +52,8 @@ __all__ = [
 
 SWEEP_THRESHOLDS = tuple(round(0.1 * k, 1) for k in range(1, 10))  # 0.1 .. 0.9
 DISCARD_FRACTIONS = tuple(round(0.05 * k, 2) for k in range(0, 11))  # 0 .. 0.5
-THIS_METHOD = "count distribution"
-BASELINE = "cc_count"
+THIS_METHOD = COUNT_DISTRIBUTION
+BASELINE = CC_COUNT
 MC_METHOD = "MC-dropout cc_count"
 
 
@@ -126,7 +126,7 @@ class ModelEvaluation:
     n_bins: int
     summary: dict = field(default_factory=dict)
     # "count distribution" (this method, a UNet) or "count head" (a parametric baseline: pmf = its softmax)
-    method: str = "count distribution"
+    method: str = COUNT_DISTRIBUTION
     # the attack (lesioncount.train.attack): (N, M+1) pmf under attack, (N,) perturbation norms, settings
     attacked_pmf: torch.Tensor | None = None
     attack_delta_norm: torch.Tensor | None = None
@@ -446,24 +446,15 @@ TABLE1_COLUMNS = ("model", "method", "count_accuracy", "count_f1", "count_ece", 
                   "attack_sr", "attack_ad")
 
 
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return "n/a" if math.isnan(value) else f"{value:.4f}"
-    return str(value)
-
-
 def _write_csv(path: pathlib.Path, rows: list, columns) -> None:
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(columns))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if isinstance(row[k], float) and math.isnan(row[k]) else row[k]) for k in columns})
+    """A table of this report through the one writer (:func:`lesioncount._tables.write_csv`); NaN
+    is an empty cell here."""
+    write_csv(path, columns, rows, nan="")
 
 
 def _markdown_table(rows: list, columns) -> list[str]:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(row[c]) for c in columns) + " |" for row in rows]
-    return lines
+    """A markdown table of this report (:func:`lesioncount._tables.markdown_table`); NaN is ``n/a``."""
+    return markdown_table(rows, columns, nan="n/a")
 
 
 def write_report(results: dict, out_dir, plots: bool = True, paper_table: str | None = None,
@@ -605,7 +596,7 @@ def write_report(results: dict, out_dir, plots: bool = True, paper_table: str | 
     if paths["figures"]:
         lines += ["", "## Figures", ""]
         lines += [f"![{p.stem}]({p.name})" for p in paths["figures"]]
-    paths["report"].write_text("\n".join(lines) + "\n")
+    write_markdown(paths["report"], lines)
     return paths
 
 
