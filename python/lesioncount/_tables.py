@@ -1,8 +1,9 @@
-"""The one writer of evaluation reports: CSV tables, markdown tables and ``report.md``.
+"""The one writer of tables and evaluation reports: CSV tables, markdown tables and ``report.md``.
 
 Used by ``lesioncount evaluate`` (:mod:`lesioncount.commands.evaluate`), ``lesioncount
-evaluate-model`` (:mod:`lesioncount.train.evaluation`) and ``lesioncount lidc-study``. Every file is
-written atomically (:func:`lesioncount.io.atomic_file`).
+evaluate-model`` (:mod:`lesioncount.train.evaluation`), ``lesioncount lidc-study`` and, for its
+``summary.csv`` / ``lesions.csv`` / ``errors.csv``, ``lesioncount count``. Every file is written
+atomically (:func:`lesioncount.io.atomic_file`).
 
 Cells (:func:`format_cell` for markdown, :func:`write_csv` for CSV): ``None`` is an empty cell;
 a float is written in full in CSV (``repr``: it reads back to the same number) and with 4 decimals

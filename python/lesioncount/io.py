@@ -72,6 +72,7 @@ __all__ = [
     "unlink_if_present",
     "mask_for_case",
     "read_case",
+    "read_map_on_grid",
     "c_contiguous",
     "GZIP_BACKENDS",
     "gunzip",
@@ -777,6 +778,44 @@ def read_case(path: PathLike, *, channel: int | None = None, missing_geometry: s
     if mask is not None and not isinstance(mask, Volume):
         mask = read_mask(mask_for_case(mask, volume.name)) if pathlib.Path(mask).is_dir() else read_mask(mask)
     return volume, mask, notes
+
+
+def read_map_on_grid(path: PathLike, shape, affine, kinds: str, what: str):
+    """A NIfTI map written earlier (a label or detection map), if it is usable on a case's grid.
+
+    Args:
+        path: the ``.nii`` / ``.nii.gz`` file.
+        shape: the case's (X, Y, Z) shape; affine: its (4, 4) voxel-to-world matrix.
+        kinds: the accepted NumPy dtype kinds (``"iu"``: integers, ``"f"``: floats).
+        what: what the map should be, for the reason (``"an integer label map"``).
+
+    Returns:
+        ``(array, None)``: the (X, Y, Z) array, of a dtype kind in ``kinds``, ``shape`` and an
+        affine equal to ``affine`` (rtol 1e-5, atol 1e-3 mm); ``(None, why not)`` otherwise
+        (missing, empty, unreadable, wrong dtype, shape or affine).
+
+    Example:
+        >>> read_map_on_grid("no/such_labels.nii.gz", [4, 4, 4], np.eye(4), "iu", "an integer label map")
+        (None, 'missing')
+    """
+    path = pathlib.Path(path)
+    if not os.path.lexists(path):
+        return None, "missing"
+    try:
+        if path.stat().st_size == 0:
+            return None, "empty (0 bytes)"
+        array, map_affine = _load_nifti(path)
+    except CaseReadError as exc:
+        return None, exc.reason
+    except OSError as exc:
+        return None, f"unreadable ({exc.strerror or exc})"
+    if array.dtype.kind not in kinds:
+        return None, f"not {what} ({array.dtype})"
+    if list(array.shape) != list(shape):
+        return None, f"shape {list(array.shape)}, but the case has shape {list(shape)}"
+    if not np.allclose(map_affine, np.asarray(affine), rtol=1e-5, atol=1e-3):
+        return None, "its affine differs from the case's"
+    return array, None
 
 
 def write_label_map(path: PathLike, labels, affine, *, commit: bool = True) -> pathlib.Path:

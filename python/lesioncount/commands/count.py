@@ -703,34 +703,12 @@ def _stale_outputs(out_dir: pathlib.Path, args) -> list[pathlib.Path]:
     return [p for p in found if os.path.lexists(p)]
 
 
-def _load_kept_map(path: pathlib.Path, report: dict, kinds: str, what: str):
-    """``(array, None)`` for a readable map of the case's shape and affine whose dtype kind is in
-    ``kinds``; ``(None, why not)`` otherwise (missing, empty, unreadable, wrong dtype/shape/affine)."""
-    from ..io import CaseReadError, _load_nifti
-
-    if not os.path.lexists(path):
-        return None, "missing"
-    try:
-        if path.stat().st_size == 0:
-            return None, "empty (0 bytes)"
-        array, affine = _load_nifti(path)
-    except CaseReadError as exc:
-        return None, exc.reason
-    except OSError as exc:
-        return None, f"unreadable ({exc.strerror or exc})"
-    if array.dtype.kind not in kinds:
-        return None, f"not {what} ({array.dtype})"
-    if list(array.shape) != list(report["shape"]):
-        return None, f"shape {list(array.shape)}, but the case has shape {report['shape']}"
-    if not np.allclose(affine, np.asarray(report["affine"]), rtol=1e-5, atol=1e-3):
-        return None, "its affine differs from the case's"
-    return array, None
-
-
 def _label_map_problem(path: pathlib.Path, report: dict) -> str | None:
     """Why the label map of a kept case cannot be kept (missing, empty, unreadable, or not the one
     its CASE.json describes), or None."""
-    array, problem = _load_kept_map(path, report, "iu", "an integer label map")
+    from ..io import read_map_on_grid
+
+    array, problem = read_map_on_grid(path, report["shape"], report["affine"], "iu", "an integer label map")
     if problem:
         return problem
     largest = int(array.max()) if array.size else 0
@@ -743,7 +721,9 @@ def _detection_map_problem(path: pathlib.Path, report: dict) -> str | None:
     """Why the detection map of a kept case cannot be kept (missing, empty, unreadable, or not the
     one its CASE.json describes: a float map of the case's shape and affine whose nonzero values are
     the lesion probabilities of its lesion table, each on as many voxels as its candidates have), or None."""
-    array, problem = _load_kept_map(path, report, "f", "a float detection map")
+    from ..io import read_map_on_grid
+
+    array, problem = read_map_on_grid(path, report["shape"], report["affine"], "f", "a float detection map")
     if problem:
         return problem
     # each candidate's voxels hold its p_k: value -> voxel count must be p_k -> summed candidate sizes
