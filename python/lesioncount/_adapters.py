@@ -16,7 +16,14 @@ from typing import NamedTuple, Sequence
 import torch
 
 from .counting import CountResult, cc_count, count_distribution
-from ._validation import check_connectivity, check_count_options, check_nonneg_int, check_threshold  # noqa: F401
+from ._validation import (  # noqa: F401
+    DEFAULT_CONNECTIVITY,
+    check_connectivity,
+    check_count_options,
+    check_nonneg_int,
+    check_threshold,
+    default_connectivity,
+)
 from .losses import _reduce, count_nll_terms
 
 __all__ = [
@@ -30,11 +37,6 @@ __all__ = [
 ]
 
 ACTIVATIONS = ("softmax", "sigmoid", "none")
-
-
-def default_connectivity(spatial_rank: int) -> int:
-    """The paper's 18-connectivity in 3D; its 2D analogue (faces and edges: 8) for 2D maps."""
-    return 18 if spatial_rank == 3 else 8
 
 
 def _check_output(output, name: str = "input") -> torch.Tensor:
@@ -206,7 +208,7 @@ class CountTerm(NamedTuple):
 
 
 def count_term(x: torch.Tensor, from_logits: bool, counts: torch.Tensor, *, threshold: float = 0.1,
-               connectivity: int = 18, min_size: int = 0, max_count: int = 4, max_lesions: int | None = None,
+               connectivity: int = DEFAULT_CONNECTIVITY[3], min_size: int = 0, max_count: int = 4, max_lesions: int | None = None,
                mask: torch.Tensor | None = None) -> CountTerm:
     """The paper's count term on one lesion map per item, outside any autocast region.
 

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._validation import CONNECTIVITIES
+
 __all__ = [
     "CONNECTIVITY_TO_RANK",
     "label",
@@ -37,13 +39,10 @@ __all__ = [
 ]
 
 # neighbour count -> (spatial rank, scipy generate_binary_structure connectivity)
-CONNECTIVITY_TO_RANK = {
-    4: (2, 1),
-    8: (2, 2),
-    6: (3, 1),
-    18: (3, 2),
-    26: (3, 3),
-}
+# connectivity -> (spatial rank, SciPy ``generate_binary_structure`` connectivity), derived from the
+# one rule (_validation.CONNECTIVITIES): the i-th valid connectivity of a rank is SciPy's i + 1
+# (4 -> (2, 1), 8 -> (2, 2), 6 -> (3, 1), 18 -> (3, 2), 26 -> (3, 3)).
+CONNECTIVITY_TO_RANK = {c: (rank, i + 1) for rank, valid in CONNECTIVITIES.items() for i, c in enumerate(valid)}
 
 _LABEL_DTYPES = (
     torch.bool,

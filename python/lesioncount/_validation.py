@@ -6,7 +6,14 @@ import math
 
 import torch
 
-_CONNECTIVITIES = {2: (4, 8), 3: (6, 18, 26)}
+#: THE connectivity rule (the one home of these facts in Python; C++: csrc/common/connectivity.h).
+#: Valid connectivities (neighbour counts, as in cc3d) per number of spatial dimensions: 2D faces
+#: (4) or faces and corners (8); 3D faces (6), faces and edges (18) or all neighbours (26).
+CONNECTIVITIES = {2: (4, 8), 3: (6, 18, 26)}
+#: Every valid connectivity, 2D first.
+ALL_CONNECTIVITIES = CONNECTIVITIES[2] + CONNECTIVITIES[3]
+#: The default per number of spatial dimensions: the paper's 18 in 3D, its 2D analogue 8.
+DEFAULT_CONNECTIVITY = {2: 8, 3: 18}
 _LABEL_DTYPES = (torch.bool, torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -94,14 +101,40 @@ def canonical_spatial(input: torch.Tensor, name: str = "input") -> torch.Tensor:
     )
 
 
+def default_connectivity(spatial_rank: int) -> int:
+    """The default connectivity for ``spatial_rank`` (2 or 3) spatial dimensions
+    (:data:`DEFAULT_CONNECTIVITY`: the paper's 18 in 3D, 8 in 2D).
+
+    Example:
+        >>> default_connectivity(3), default_connectivity(2)
+        (18, 8)
+    """
+    if spatial_rank not in DEFAULT_CONNECTIVITY:
+        raise ValueError(f"`spatial_rank` must be 2 or 3, got {spatial_rank!r}")
+    return DEFAULT_CONNECTIVITY[spatial_rank]
+
+
+def connectivity_text(spatial_rank: int | None = None) -> str:
+    """The valid connectivities in words, for messages: ``"4, 8 (2D), 6, 18, 26 (3D)"`` (both ranks)
+    or ``"6, 18, 26"`` (one rank).
+
+    Example:
+        >>> connectivity_text(), connectivity_text(3)
+        ('4, 8 (2D), 6, 18, 26 (3D)', '6, 18, 26')
+    """
+    if spatial_rank is not None:
+        return ", ".join(map(str, CONNECTIVITIES[spatial_rank]))
+    return ", ".join(f"{connectivity_text(r)} ({r}D)" for r in sorted(CONNECTIVITIES))
+
+
 def check_connectivity(connectivity, spatial_rank: int) -> int:
     """``connectivity`` checked against the input's number of spatial dimensions (the last ones after
     the batch dimension). A 3-D connectivity on a 3-dimensional tensor is almost always a single
     volume (D, H, W) passed without its batch dimension: the message says so."""
-    allowed = _CONNECTIVITIES[spatial_rank]
+    allowed = CONNECTIVITIES[spatial_rank]
     if isinstance(connectivity, bool) or not isinstance(connectivity, int) or connectivity not in allowed:
         hint = ""
-        if spatial_rank == 2 and connectivity in _CONNECTIVITIES[3]:
+        if spatial_rank == 2 and connectivity in CONNECTIVITIES[3]:
             hint = (
                 ". The input has 3 dimensions and was read as a batch of 2-D images (B, H, W); a single "
                 "3-D volume (D, H, W) has the same shape, so add its batch dimension: volume[None] -> "
@@ -217,9 +250,9 @@ def check_count_options(threshold, connectivity, min_size, max_count, max_lesion
                          f"got {max_count!r}")
     check_nonneg_int(max_lesions, "max_lesions", allow_none=True, maximum=MAX_SIZE_ARGUMENT)
     if connectivity is not None:
-        if isinstance(connectivity, bool) or not isinstance(connectivity, int) or connectivity not in (4, 8, 6, 18, 26):
-            raise ValueError(f"`connectivity` must be None (auto: 18 in 3D, 8 in 2D) or one of 4, 8 (2D), "
-                             f"6, 18, 26 (3D), got {connectivity!r}")
+        if isinstance(connectivity, bool) or not isinstance(connectivity, int) or connectivity not in ALL_CONNECTIVITIES:
+            raise ValueError(f"`connectivity` must be None (auto: {DEFAULT_CONNECTIVITY[3]} in 3D, "
+                             f"{DEFAULT_CONNECTIVITY[2]} in 2D) or one of {connectivity_text()}, got {connectivity!r}")
         if spatial_rank is not None:
             check_connectivity(connectivity, spatial_rank)
     return threshold, connectivity, min_size, max_count, max_lesions

@@ -11,6 +11,8 @@ import time
 
 import torch
 
+from .commands._options import add_count_options
+
 
 def _format_pmf(pmf, max_count: int) -> str:
     names = [f"P({j})" for j in range(max_count)] + [f"P({max_count}+)"]
@@ -101,7 +103,7 @@ def _demo_figure(path, probs, result, true_counts, cc_counts, cc_tau):
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from . import cc_count, count_distribution, has_ops
+    from . import cc_count, count_distribution, count_nll, has_ops
     from ._extras import available
     from .synthetic import demo_batch
 
@@ -119,7 +121,7 @@ def run_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     result = count_distribution(probs, threshold=args.threshold, connectivity=args.connectivity,
                                 max_count=args.max_count)
-    loss = -result.log_pmf.gather(1, true_counts.clamp_max(args.max_count).view(-1, 1)).mean()
+    loss = count_nll(result.log_pmf, true_counts)  # the one count-loss rule (lesioncount.count_nll_terms)
     loss.backward()
     elapsed = time.perf_counter() - t0
     result = result._replace(**{f: getattr(result, f).detach() for f in ("pmf", "log_pmf", "lesion_probs", "expected_count", "entropy")})
@@ -213,9 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "CUDA kernels are loaded")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="count lesions on an embedded synthetic batch (no input needed)")
-    demo.add_argument("--threshold", type=float, default=0.1)
-    demo.add_argument("--connectivity", type=int, default=18, choices=(6, 18, 26))
-    demo.add_argument("--max-count", type=int, default=4)
+    add_count_options(demo, threshold="", connectivity="", max_count="")
     demo.add_argument("--figure", default="lesioncount-demo.png", metavar="PNG",
                       help="where to write the demo's figure (default: lesioncount-demo.png in the current "
                            "folder; '' for none)")

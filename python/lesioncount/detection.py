@@ -67,6 +67,7 @@ import numpy as np
 import torch
 
 from ._extras import require
+from ._validation import DEFAULT_CONNECTIVITY
 
 __all__ = [
     "FROC_FP_RATES",
@@ -181,7 +182,7 @@ def scored_candidates(result, item: int = 0) -> Candidates:
     return Candidates(labels=labels, probs=probs, peaks=peaks, sizes=sizes)
 
 
-def find_candidates(probs, threshold: float = 0.1, connectivity: int = 18, min_size: int = 0,
+def find_candidates(probs, threshold: float = 0.1, connectivity: int = DEFAULT_CONNECTIVITY[3], min_size: int = 0,
                     from_logits: bool = False) -> Candidates:
     """Candidates of one probability map: components of ``probs > threshold`` with their p_k.
 
@@ -209,7 +210,7 @@ def find_candidates(probs, threshold: float = 0.1, connectivity: int = 18, min_s
     return scored_candidates(r, 0)
 
 
-def ground_truth_lesions(mask, connectivity: int = 18, min_size: int = 0) -> tuple[np.ndarray, int]:
+def ground_truth_lesions(mask, connectivity: int = DEFAULT_CONNECTIVITY[3], min_size: int = 0) -> tuple[np.ndarray, int]:
     """Ground-truth lesions: connected components of the nonzero voxels, with the candidates' rules.
 
     Args:

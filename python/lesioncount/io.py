@@ -37,8 +37,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import pathlib
+import re
 import secrets
 import warnings
 import zipfile
@@ -61,6 +63,16 @@ __all__ = [
     "write_label_map",
     "atomic_file",
     "temp_path",
+    "is_temp_name",
+    "write_text",
+    "JSONText",
+    "format_json",
+    "write_json",
+    "fsync_folder",
+    "unlink_if_present",
+    "mask_for_case",
+    "read_case",
+    "read_map_on_grid",
     "c_contiguous",
     "GZIP_BACKENDS",
     "gunzip",
@@ -558,6 +570,20 @@ def temp_path(path: PathLike) -> pathlib.Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
 
 
+_TEMP_NAME = re.compile(r"^\..+\.\d+\.[0-9a-f]{16}\.tmp$")
+
+
+def is_temp_name(name: str) -> bool:
+    """True for a file name of the form :func:`temp_path` gives (``.NAME.<pid>.<16 hex>.tmp``): the
+    leftover of a write that was killed before its rename.
+
+    Example:
+        >>> is_temp_name(temp_path("out/case_001.json").name), is_temp_name("case_001.json")
+        (True, False)
+    """
+    return bool(_TEMP_NAME.match(name))
+
+
 def _fsync_and_close(f) -> None:
     f.flush()
     os.fsync(f.fileno())
@@ -608,6 +634,188 @@ def atomic_file(path: PathLike, mode: str = "w", *, commit: bool = True, **open_
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def write_text(path: PathLike, text: str) -> pathlib.Path:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_file`); returns ``path``.
+
+    Example:
+        >>> import tempfile
+        >>> write_text(pathlib.Path(tempfile.mkdtemp()) / "a.txt", "hello\\n").read_text()
+        'hello\\n'
+    """
+    path = pathlib.Path(path)
+    with atomic_file(path) as f:
+        f.write(text)
+    return path
+
+
+class JSONText(str):
+    """A value that :func:`format_json` writes as it is: JSON text formatted earlier (e.g. by a
+    worker thread, so that the thread that writes the file only joins the parts)."""
+
+
+def format_json(value, level: int = 0) -> str:
+    """Indented JSON (1 space per level) with lists of scalars (numbers, short strings) kept on one line:
+    the layout of every ``CASE.json`` (``lesioncount count``, ``nnunet-predict``).
+
+    Built from the structure, not by editing ``json.dumps`` output, so strings holding brackets or
+    commas (a case file ``scan[1,2].nii.gz``) are written unchanged. A :class:`JSONText` value is
+    inserted as it is (it must be the output of ``format_json(v, level)`` at that depth).
+
+    Args:
+        value: dicts, lists / tuples, and JSON scalars.
+        level: the nesting depth of ``value`` (its closing bracket is indented by ``level`` spaces).
+
+    Example:
+        >>> print(format_json({"pmf": [0.5, 0.5], "case": "a[1,2]", "t": {"x": 1}}))
+        {
+         "pmf": [0.5, 0.5],
+         "case": "a[1,2]",
+         "t": {
+          "x": 1
+         }
+        }
+    """
+    if isinstance(value, JSONText):
+        return str(value)
+    pad, inner = " " * level, " " * (level + 1)
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        items = [f"{inner}{json.dumps(str(k))}: {format_json(v, level + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(value, (list, tuple)):
+        if all(not isinstance(v, (dict, list, tuple)) for v in value):
+            return json.dumps(list(value))  # "[1, 2]": one line
+        return "[\n" + ",\n".join(inner + format_json(v, level + 1) for v in value) + "\n" + pad + "]"
+    return json.dumps(value)
+
+
+def write_json(path: PathLike, value) -> pathlib.Path:
+    """Write ``value`` as :func:`format_json` text and a final newline, atomically; returns ``path``.
+
+    Example:
+        >>> import tempfile
+        >>> write_json(pathlib.Path(tempfile.mkdtemp()) / "a.json", {"n": [1, 2]}).read_text()
+        '{\\n "n": [1, 2]\\n}\\n'
+    """
+    return write_text(path, format_json(value) + "\n")
+
+
+def fsync_folder(folder: PathLike) -> None:
+    """fsync a folder, so that the renames into it are on disk; silently skipped where the system
+    does not allow it (no O_RDONLY on folders, or no fsync on them).
+
+    Example:
+        >>> fsync_folder(".")
+    """
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def unlink_if_present(path: PathLike) -> None:
+    """Remove ``path``; nothing happens when it does not exist (other errors propagate).
+
+    Example:
+        >>> unlink_if_present("no/such/file.json")
+    """
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def mask_for_case(mask_dir: PathLike, name: str) -> pathlib.Path:
+    """The mask of case ``name`` in a folder of per-case masks: ``NAME.nii.gz``, ``NAME.nii`` or
+    ``NAME.npy`` (first found); :class:`CaseReadError` naming what was looked for otherwise.
+
+    Example:
+        >>> mask_for_case("masks/", "case_001")   # doctest: +SKIP
+        PosixPath('masks/case_001.nii.gz')
+    """
+    mask_dir = pathlib.Path(mask_dir)
+    for suffix in (".nii.gz", ".nii", ".npy"):
+        candidate = mask_dir / (name + suffix)
+        if candidate.is_file():
+            return candidate
+    raise CaseReadError(mask_dir / (name + ".nii.gz"), f"no mask for case {name!r} in {mask_dir} "
+                        f"(looked for {name}.nii.gz, {name}.nii, {name}.npy)")
+
+
+def read_case(path: PathLike, *, channel: int | None = None, missing_geometry: str = "error",
+              mask: "Volume | PathLike | None" = None) -> tuple[Volume, Volume | None, list[str]]:
+    """Read one case with its geometry and its region-of-interest mask.
+
+    Args:
+        path: the probability map (:func:`read_probability_map`).
+        channel, missing_geometry: as in :func:`read_probability_map`.
+        mask: None; a :class:`Volume` already read (one mask for every case); or a folder of
+            per-case masks, where :func:`mask_for_case` finds this case's.
+
+    Returns:
+        ``(volume, mask volume or None, notes)``: ``volume.data`` (X, Y, Z) with its (4, 4) affine;
+        ``notes`` says where the geometry was not found (an nnU-Net ``.npz`` without its sibling
+        ``CASE.nii.gz`` read with ``missing_geometry="identity"``: identity affine, 1 mm voxels).
+        The mask's grid is not compared here (:func:`lesioncount.report.check_mask` does that).
+
+    Example:
+        >>> vol, mask, notes = read_case("preds/case_001.nii.gz", mask="masks/")   # doctest: +SKIP
+    """
+    path = pathlib.Path(path)
+    volume = read_probability_map(path, channel=channel, missing_geometry=missing_geometry)
+    notes = []
+    if path.name.lower().endswith(".npz") and _nnunet_sibling(path) is None:
+        notes.append(f"{path}: sibling segmentation {volume.name}.nii.gz not found; identity affine (1 mm voxels) used")
+    if mask is not None and not isinstance(mask, Volume):
+        mask = read_mask(mask_for_case(mask, volume.name)) if pathlib.Path(mask).is_dir() else read_mask(mask)
+    return volume, mask, notes
+
+
+def read_map_on_grid(path: PathLike, shape, affine, kinds: str, what: str):
+    """A NIfTI map written earlier (a label or detection map), if it is usable on a case's grid.
+
+    Args:
+        path: the ``.nii`` / ``.nii.gz`` file.
+        shape: the case's (X, Y, Z) shape; affine: its (4, 4) voxel-to-world matrix.
+        kinds: the accepted NumPy dtype kinds (``"iu"``: integers, ``"f"``: floats).
+        what: what the map should be, for the reason (``"an integer label map"``).
+
+    Returns:
+        ``(array, None)``: the (X, Y, Z) array, of a dtype kind in ``kinds``, ``shape`` and an
+        affine equal to ``affine`` (rtol 1e-5, atol 1e-3 mm); ``(None, why not)`` otherwise
+        (missing, empty, unreadable, wrong dtype, shape or affine).
+
+    Example:
+        >>> read_map_on_grid("no/such_labels.nii.gz", [4, 4, 4], np.eye(4), "iu", "an integer label map")
+        (None, 'missing')
+    """
+    path = pathlib.Path(path)
+    if not os.path.lexists(path):
+        return None, "missing"
+    try:
+        if path.stat().st_size == 0:
+            return None, "empty (0 bytes)"
+        array, map_affine = _load_nifti(path)
+    except CaseReadError as exc:
+        return None, exc.reason
+    except OSError as exc:
+        return None, f"unreadable ({exc.strerror or exc})"
+    if array.dtype.kind not in kinds:
+        return None, f"not {what} ({array.dtype})"
+    if list(array.shape) != list(shape):
+        return None, f"shape {list(array.shape)}, but the case has shape {list(shape)}"
+    if not np.allclose(map_affine, np.asarray(affine), rtol=1e-5, atol=1e-3):
+        return None, "its affine differs from the case's"
+    return array, None
 
 
 def write_label_map(path: PathLike, labels, affine, *, commit: bool = True) -> pathlib.Path:

@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._validation import check_bool, check_count_options
+from ._validation import DEFAULT_CONNECTIVITY, check_bool, check_count_options, connectivity_text
 from .counting import count_distribution
 
 __all__ = ["CountLoss", "CountNLL", "count_nll", "count_nll_terms", "count_weight_schedule"]
@@ -195,13 +195,13 @@ class CountLoss(torch.nn.Module):
     """
 
     def __init__(self, max_count: int = 4, from_logits: bool = False, reduction: str = "mean",
-                 threshold: float = 0.1, connectivity: int = 18, min_size: int = 0,
+                 threshold: float = 0.1, connectivity: int = DEFAULT_CONNECTIVITY[3], min_size: int = 0,
                  max_lesions: int | None = None, ignore_infeasible: bool = True):
         super().__init__()
         if reduction not in _REDUCTIONS:
             raise ValueError(f"`reduction` must be one of {_REDUCTIONS}, got {reduction!r}")
         if connectivity is None:
-            raise ValueError("`connectivity` must be one of 4, 8 (2D), 6, 18, 26 (3D), got None")
+            raise ValueError(f"`connectivity` must be one of {connectivity_text()}, got None")
         self.threshold, self.connectivity, self.min_size, self.max_count, self.max_lesions = check_count_options(
             threshold, connectivity, min_size, max_count, max_lesions)
         self.from_logits = check_bool(from_logits, "from_logits")

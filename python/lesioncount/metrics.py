@@ -35,6 +35,7 @@ Example:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -53,6 +54,7 @@ __all__ = [
     "expected_count_from_pmf",
     "pmf_entropy",
     "reliability_bins",
+    "VoxelStats",
     "segmentation_f1",
     "voxel_calibration_errors",
 ]
@@ -475,14 +477,15 @@ def _per_item_errors(p, t, M, expected_count, log_pmf):
     else:
         e = p.to(torch.float64) @ torch.arange(M + 1, dtype=torch.float64, device=p.device)
         abs_err = (e - t.clamp_max(M).to(torch.float64)).abs()
-    tb = t.clamp_max(M).unsqueeze(1)
+    from .losses import count_nll_terms  # the one NLL rule (tail bin M, +inf where infeasible)
+
     if log_pmf is not None:
         if not isinstance(log_pmf, torch.Tensor) or log_pmf.shape != p.shape:
             raise ValueError(f"`log_pmf` must have the shape of `pmf` {tuple(p.shape)}")
-        nll = -log_pmf.detach().to(device=p.device, dtype=torch.float64).gather(1, tb).squeeze(1)
+        log_p = log_pmf.detach().to(device=p.device, dtype=torch.float64)
     else:
-        nll = -p.to(torch.float64).gather(1, tb).squeeze(1).log()
-    return abs_err, nll
+        log_p = p.to(torch.float64).log()
+    return abs_err, count_nll_terms(log_p, t).nll
 
 
 def _metrics_from_items(p, t, abs_err, nll, M, n_bins) -> dict[str, torch.Tensor]:
@@ -593,6 +596,71 @@ def voxel_calibration_errors(probs, target_mask, n_bins: int = 10) -> tuple[torc
     ece = F.binary_calibration_error(p, t, n_bins=n_bins, norm="l1")
     mce = F.binary_calibration_error(p, t, n_bins=n_bins, norm="max")
     return ece, mce
+
+
+@dataclass
+class VoxelStats:
+    """Voxel-wise confusion counts at ``threshold`` and calibration bins, accumulated over batches.
+
+    The streaming form of :func:`segmentation_f1` (reduction "global") and
+    :func:`voxel_calibration_errors`: one batch at a time, so a whole test split never has to sit
+    in memory. The calibration bins are those of torchmetrics' binary calibration error: ``n_bins``
+    equal-width bins of the probability (compared in float32, ``bucketize(right=True)``) plus one
+    bin for probability exactly 1.0; per bin the number of voxels, the sum of probabilities and the
+    number of lesion voxels (float64 sums).
+
+    Example:
+        >>> stats = VoxelStats(threshold=0.5, n_bins=2)
+        >>> stats.update(torch.tensor([0.25, 0.25, 0.55, 0.75, 0.75]), torch.tensor([0, 0, 1, 1, 1]))
+        >>> [round(v, 4) for v in stats.calibration_errors()]
+        [0.29, 0.3167]
+    """
+
+    threshold: float = 0.5
+    n_bins: int = 10
+    tp: float = 0.0
+    fp: float = 0.0
+    fn: float = 0.0
+    bin_count: torch.Tensor | None = None
+    bin_confidence: torch.Tensor | None = None
+    bin_positive: torch.Tensor | None = None
+
+    def update(self, probs: torch.Tensor, mask: torch.Tensor) -> None:
+        """Add a batch: ``probs`` (...) in [0, 1] (e.g. (B, 1, D, H, W)) and a binary ``mask`` of the
+        same shape; the sums stay on the host (float64)."""
+        p = probs.detach().float().reshape(-1)
+        t = (mask.detach() > 0.5).reshape(-1)
+        pred = p > self.threshold
+        sums = torch.stack([(pred & t).sum(), (pred & ~t).sum(), (~pred & t).sum()]).tolist()
+        self.tp += sums[0]
+        self.fp += sums[1]
+        self.fn += sums[2]
+        edges = torch.linspace(0, 1, self.n_bins + 1, dtype=torch.float32, device=p.device)
+        index = torch.bucketize(p.clamp(0, 1), edges, right=True) - 1
+        n = self.n_bins + 1
+        count = torch.bincount(index, minlength=n).to(torch.float64).cpu()
+        conf = torch.zeros(n, dtype=torch.float64, device=p.device).index_add_(0, index, p.double()).cpu()
+        pos = torch.bincount(index, weights=t.double(), minlength=n).cpu()
+        if self.bin_count is None:
+            self.bin_count, self.bin_confidence, self.bin_positive = count, conf, pos
+        else:
+            self.bin_count += count
+            self.bin_confidence += conf
+            self.bin_positive += pos
+
+    def f1(self) -> float:
+        """Voxel-wise F1 (Dice) 2TP / (2TP + FP + FN); 1.0 when prediction and mask are both empty."""
+        denominator = 2 * self.tp + self.fp + self.fn
+        return 2 * self.tp / denominator if denominator > 0 else 1.0
+
+    def calibration_errors(self) -> tuple[float, float]:
+        """(ECE, MCE): sum_b frac_b |pos_b - conf_b| and max_b |pos_b - conf_b| over the bins."""
+        if self.bin_count is None or float(self.bin_count.sum()) == 0:
+            return float("nan"), float("nan")
+        count = self.bin_count
+        safe = count.clamp_min(1)
+        gap = torch.where(count > 0, (self.bin_positive / safe - self.bin_confidence / safe).abs(), 0.0)
+        return float((gap * count / count.sum()).sum()), float(gap.max())
 
 
 # ------------------------------------------------------------------------------- CountMetric

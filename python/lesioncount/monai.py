@@ -226,7 +226,7 @@ class LesionCountMetric(_LesionMapMixin, CumulativeIterationMetric):
             r = count_distribution(x, threshold=self.threshold, connectivity=connectivity, min_size=self.min_size,
                                    max_count=self.max_count, from_logits=from_logits, max_lesions=self.max_lesions)
         counts = counts.to(r.pmf.device)
-        nll = -r.log_pmf.gather(1, counts.clamp_max(self.max_count).view(-1, 1)).squeeze(1)
+        nll = count_nll_terms(r.log_pmf, counts).nll  # tail bin for counts >= M; +inf where infeasible
         f64 = torch.float64
         return [r.pmf.to(f64), counts.to(f64), r.expected_count.to(f64), nll.to(f64)]
 

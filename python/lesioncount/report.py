@@ -55,6 +55,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
+from ._validation import DEFAULT_CONNECTIVITY
 from .counting import CountResult, cc_count, count_distribution
 from .io import Volume
 
@@ -92,7 +93,7 @@ class CountSettings:
     """
 
     threshold: float = 0.1
-    connectivity: int = 18
+    connectivity: int = DEFAULT_CONNECTIVITY[3]
     min_size: int = 0
     min_volume: float | None = None
     max_count: int = 4

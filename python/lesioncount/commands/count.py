@@ -124,12 +124,10 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import csv
 import json
 import math
 import os
 import pathlib
-import re
 import signal
 import socket
 import sys
@@ -137,8 +135,11 @@ import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
+
+from ._options import add_count_options
 
 
 def default_workers() -> int:
@@ -166,18 +167,13 @@ def register(subparsers) -> None:
     p.add_argument("-i", "--input", required=True, type=pathlib.Path,
                    help="a case file or a folder of them (.nii, .nii.gz, nnU-Net .npz, .npy)")
     p.add_argument("-o", "--output", required=True, type=pathlib.Path, help="output folder (created)")
-    p.add_argument("--threshold", type=float, default=0.1,
-                   help="candidate threshold, a probability in [0, 1) even with --from-logits (default 0.1)")
-    p.add_argument("--connectivity", type=int, default=18, choices=(6, 18, 26), help="3-D neighbourhood (default 18)")
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--min-size", type=int, default=0, help="drop candidates with fewer voxels (default 0)")
-    size.add_argument("--min-volume", type=float, default=None,
-                      help="drop candidates smaller than this many mm^3 (ceil(V / voxel volume) voxels per case)")
-    p.add_argument("--max-count", type=int, default=4, help="M: bins 0..M-1 and 'M or more' (default 4)")
-    p.add_argument("--from-logits", action="store_true", help="the maps hold logits, not probabilities")
-    p.add_argument("--channel", type=int, default=None,
-                   help="lesion channel of multi-channel inputs, 0-based (default: 1 for nnU-Net .npz; a 4-D "
-                        "NIfTI with several volumes needs it)")
+    add_count_options(
+        p, threshold="candidate threshold, a probability in [0, 1) even with --from-logits (default 0.1)",
+        connectivity="3-D neighbourhood (default 18)", min_size="drop candidates with fewer voxels (default 0)",
+        min_volume="drop candidates smaller than this many mm^3 (ceil(V / voxel volume) voxels per case)",
+        max_count="M: bins 0..M-1 and 'M or more' (default 4)", from_logits="the maps hold logits, not probabilities",
+        channel="lesion channel of multi-channel inputs, 0-based (default: 1 for nnU-Net .npz; a 4-D "
+                "NIfTI with several volumes needs it)")
     p.add_argument("--mask", type=pathlib.Path, default=None,
                    help="region of interest: one mask file for all cases, or a folder of per-case masks CASE.nii.gz")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to count (default cpu)")
@@ -203,8 +199,7 @@ def register(subparsers) -> None:
                           help="keep existing CASE.json files (their rows still go into the summary)")
     p.add_argument("--allow-missing-geometry", action="store_true",
                    help="nnU-Net .npz without its sibling CASE.nii.gz: use the identity affine instead of failing")
-    p.add_argument("--baseline-threshold", type=float, default=0.5,
-                   help="threshold of the cc_count baseline (default 0.5)")
+    add_count_options(p, baseline_threshold="threshold of the cc_count baseline (default 0.5)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no final summary line")
     p.set_defaults(func=run)
 
@@ -326,47 +321,52 @@ def shard(cases: list, num_parts: int, part_id: int) -> list:
     return cases[part_id::num_parts]
 
 
-def _mask_for_case(mask_dir: pathlib.Path, name: str) -> pathlib.Path:
-    from ..io import CaseReadError
-
-    for suffix in (".nii.gz", ".nii", ".npy"):
-        candidate = mask_dir / (name + suffix)
-        if candidate.is_file():
-            return candidate
-    raise CaseReadError(mask_dir / (name + ".nii.gz"), f"no mask for case {name!r} in {mask_dir} "
-                        f"(looked for {name}.nii.gz, {name}.nii, {name}.npy)")
-
-
 def _read_case(path, args, shared_mask):
-    """Runs in a reader thread: (volume, mask volume or None, (wall s, thread CPU s), notes)."""
-    from ..io import _nnunet_sibling, read_mask, read_probability_map
+    """Runs in a reader thread: (volume, mask volume or None, (wall s, thread CPU s), notes).
+
+    The map, its geometry and its mask (``shared_mask``, read once for a ``--mask`` file, or this
+    case's file in a ``--mask`` folder) through :func:`lesioncount.io.read_case`.
+    """
+    from ..io import read_case
 
     t0, c0 = time.perf_counter(), time.thread_time()
-    volume = read_probability_map(path, channel=getattr(args, "channel_given", args.channel),
-                                  missing_geometry="identity" if args.allow_missing_geometry else "error")
-    notes = []
-    if path.name.lower().endswith(".npz") and _nnunet_sibling(path) is None:
-        notes.append(f"{path}: sibling segmentation {volume.name}.nii.gz not found; identity affine (1 mm voxels) used")
     mask = shared_mask
     if args.mask is not None and args.mask.is_dir():
-        mask = read_mask(_mask_for_case(args.mask, volume.name))
+        mask = args.mask
+    volume, mask, notes = read_case(path, channel=getattr(args, "channel_given", args.channel),
+                                    missing_geometry="identity" if args.allow_missing_geometry else "error",
+                                    mask=mask)
     return volume, mask, (time.perf_counter() - t0, time.thread_time() - c0), notes
 
 
-# stands for wait_s in the JSON text a worker formats; the main thread fills it in when it writes
-_WAIT_PLACEHOLDER = '"@wait_s@"'
+class _CountedCase(NamedTuple):
+    """A case counted by :func:`_process_case`, ready for the main thread to write.
+
+    Attributes:
+        report: the ``CASE.json`` object (:func:`lesioncount.report.case_report`); its ``timings_s``
+            lacks only ``wait_s`` (0.0 until the main thread sets it).
+        members: every member of ``report`` but ``timings_s``, already formatted as JSON text
+            (:func:`lesioncount.io.format_json` at depth 1): the formatting runs in the worker.
+        notes: warnings to print (a missing nnU-Net sibling: identity geometry).
+        temps: ``{"labels": file or None, "detection": file or None}``, the maps' temporary files.
+    """
+
+    report: dict
+    members: dict
+    notes: list
+    temps: dict
 
 
-def _process_case(path, args, settings, shared_mask, out_dir: pathlib.Path):
+def _process_case(path, args, settings, shared_mask, out_dir: pathlib.Path) -> _CountedCase:
     """One case from file to report, in a worker thread (``--workers N``) or the main thread (0).
 
     Reads and decompresses the map (and its mask), counts, builds the report (the same as
-    :func:`lesioncount.report.count_file`) and writes the label map (``--save-labels``) and the
-    detection map (``--save-detection-map``) to hidden temporary files; returns ``(report, JSON
-    text, notes, temporary files)``, the last a dict ``{"labels": file or None, "detection": file or
-    None}``. The main thread renames the maps and writes the JSON, in case order; the text holds
-    :data:`_WAIT_PLACEHOLDER` for ``wait_s``. Nothing large outlives the call.
+    :func:`lesioncount.report.count_file`), formats its JSON members and writes the label map
+    (``--save-labels``) and the detection map (``--save-detection-map``) to hidden temporary files.
+    The main thread renames the maps and writes the JSON, in case order (:func:`_write_case`).
+    Nothing large outlives the call.
     """
+    from ..io import format_json
     from ..report import _count_and_write
 
     volume, mask, (read_s, read_cpu_s), notes = _read_case(path, args, shared_mask)
@@ -378,67 +378,30 @@ def _process_case(path, args, settings, shared_mask, out_dir: pathlib.Path):
     del volume, mask
     try:
         t0 = time.perf_counter()
-        report["timings_s"] = {"read_s": read_s, "read_cpu_s": read_cpu_s, "wait_s": 0.0, "count_s": count_s,
-                               "write_s": 0.0}
-        text = _format_json(report)
+        members = {key: format_json(value, 1) for key, value in report.items() if key != "timings_s"}
         write_s = maps_s + time.perf_counter() - t0  # label/detection maps + JSON formatting (not the final write)
-        report["timings_s"]["write_s"] = write_s
-        text = text.replace('"wait_s": 0.0', f'"wait_s": {_WAIT_PLACEHOLDER}', 1)
-        text = text.replace('"write_s": 0.0', f'"write_s": {json.dumps(write_s)}', 1)
+        report["timings_s"] = {"read_s": read_s, "read_cpu_s": read_cpu_s, "wait_s": 0.0, "count_s": count_s,
+                               "write_s": write_s}
     except BaseException:
         _unlink_temps(temps)
         raise
-    return report, text, notes, temps
+    return _CountedCase(report, members, notes, temps)
 
 
 def _unlink_temps(temps: dict) -> None:
     """Remove the temporary map files of a case that is not written."""
+    from ..io import unlink_if_present
+
     for tmp in temps.values():
         if tmp is not None:
-            _unlink(tmp)
-
-
-def _format_json(report, level: int = 0) -> str:
-    """Indented JSON (1 space per level) with lists of scalars (numbers, short strings) kept on one line.
-
-    Built from the structure, not by editing ``json.dumps`` output, so strings holding brackets or
-    commas (a case file ``scan[1,2].nii.gz``) are written unchanged.
-
-    Example:
-        >>> print(_format_json({"pmf": [0.5, 0.5], "case": "a[1,2]", "t": {"x": 1}}))
-        {
-         "pmf": [0.5, 0.5],
-         "case": "a[1,2]",
-         "t": {
-          "x": 1
-         }
-        }
-    """
-    pad, inner = " " * level, " " * (level + 1)
-    if isinstance(report, dict):
-        if not report:
-            return "{}"
-        items = [f"{inner}{json.dumps(str(k))}: {_format_json(v, level + 1)}" for k, v in report.items()]
-        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
-    if isinstance(report, (list, tuple)):
-        if all(not isinstance(v, (dict, list, tuple)) for v in report):
-            return json.dumps(list(report))  # "[1, 2]": one line
-        return "[\n" + ",\n".join(inner + _format_json(v, level + 1) for v in report) + "\n" + pad + "]"
-    return json.dumps(report)
+            unlink_if_present(tmp)
 
 
 def _write_json(path: pathlib.Path, text: str) -> None:
-    from ..io import atomic_file
+    """``text`` and a newline to ``path``, atomically (:func:`lesioncount.io.write_text`)."""
+    from ..io import write_text
 
-    with atomic_file(path) as f:
-        f.write(text + "\n")
-
-
-def _unlink(path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+    write_text(path, text + "\n")
 
 
 # settings of a kept CASE.json that must equal this run's for --skip-existing (device and workers do
@@ -559,13 +522,15 @@ class FolderLock:
             return
         import fcntl
 
+        from ..io import unlink_if_present
+
         try:
             if self.shared:  # remove the file only when no other shard holds it
                 try:
                     fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError:
                     return
-            _unlink(self.path)
+            unlink_if_present(self.path)
         finally:
             os.close(self.fd)
             self.fd = None
@@ -738,37 +703,12 @@ def _stale_outputs(out_dir: pathlib.Path, args) -> list[pathlib.Path]:
     return [p for p in found if os.path.lexists(p)]
 
 
-_TEMP_RE = re.compile(r"^\..+\.\d+\.[0-9a-f]{16}\.tmp$")
-
-
-def _load_kept_map(path: pathlib.Path, report: dict, kinds: str, what: str):
-    """``(array, None)`` for a readable map of the case's shape and affine whose dtype kind is in
-    ``kinds``; ``(None, why not)`` otherwise (missing, empty, unreadable, wrong dtype/shape/affine)."""
-    from ..io import CaseReadError, _load_nifti
-
-    if not os.path.lexists(path):
-        return None, "missing"
-    try:
-        if path.stat().st_size == 0:
-            return None, "empty (0 bytes)"
-        array, affine = _load_nifti(path)
-    except CaseReadError as exc:
-        return None, exc.reason
-    except OSError as exc:
-        return None, f"unreadable ({exc.strerror or exc})"
-    if array.dtype.kind not in kinds:
-        return None, f"not {what} ({array.dtype})"
-    if list(array.shape) != list(report["shape"]):
-        return None, f"shape {list(array.shape)}, but the case has shape {report['shape']}"
-    if not np.allclose(affine, np.asarray(report["affine"]), rtol=1e-5, atol=1e-3):
-        return None, "its affine differs from the case's"
-    return array, None
-
-
 def _label_map_problem(path: pathlib.Path, report: dict) -> str | None:
     """Why the label map of a kept case cannot be kept (missing, empty, unreadable, or not the one
     its CASE.json describes), or None."""
-    array, problem = _load_kept_map(path, report, "iu", "an integer label map")
+    from ..io import read_map_on_grid
+
+    array, problem = read_map_on_grid(path, report["shape"], report["affine"], "iu", "an integer label map")
     if problem:
         return problem
     largest = int(array.max()) if array.size else 0
@@ -781,7 +721,9 @@ def _detection_map_problem(path: pathlib.Path, report: dict) -> str | None:
     """Why the detection map of a kept case cannot be kept (missing, empty, unreadable, or not the
     one its CASE.json describes: a float map of the case's shape and affine whose nonzero values are
     the lesion probabilities of its lesion table, each on as many voxels as its candidates have), or None."""
-    array, problem = _load_kept_map(path, report, "f", "a float detection map")
+    from ..io import read_map_on_grid
+
+    array, problem = read_map_on_grid(path, report["shape"], report["affine"], "f", "a float detection map")
     if problem:
         return problem
     # each candidate's voxels hold its p_k: value -> voxel count must be p_k -> summed candidate sizes
@@ -799,50 +741,24 @@ def _detection_map_problem(path: pathlib.Path, report: dict) -> str | None:
     return None
 
 
-def _write_table(path: pathlib.Path, fields: list[str], rows) -> None:
-    from ..io import atomic_file
-
-    with atomic_file(path, newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+def _fail(message: str) -> int:
+    """Print a usage / setup error; the exit code 2."""
+    print(f"lesioncount count: error: {message}", file=sys.stderr)
+    return 2
 
 
-def _write_errors(path: pathlib.Path, errors) -> None:
-    from ..io import atomic_file
+def _discover_cases(args) -> tuple[list, list]:
+    """Step 1, discover the inputs: ``(all_cases, cases)``, the case files of ``--input`` and this
+    shard's share of them (:func:`shard`), both sorted by name.
 
-    with atomic_file(path, newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["case", "file", "error"])
-        writer.writerows(errors)
+    In an input folder the ``--mask`` file and the maps this command writes (``CASE_labels.nii.gz``
+    / ``CASE_detection.nii.gz`` next to ``CASE``, or every such file when ``-o`` is the input folder)
+    are not cases. Raises :class:`_UsageError` when no case is left, ``FileNotFoundError`` /
+    :class:`~lesioncount.io.CaseReadError` from :func:`~lesioncount.io.find_cases`.
+    """
+    from ..io import case_name, find_cases
 
-
-def _fsync_folder(folder: pathlib.Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _run(args: argparse.Namespace, guard: SignalGuard) -> int:
-    from ..io import CaseReadError, case_name, find_cases
-    from ..report import CountSettings
-
-    def fail(message: str) -> int:
-        print(f"lesioncount count: error: {message}", file=sys.stderr)
-        return 2
-
-    try:
-        _validate(args)
-        all_cases = find_cases(args.input)
-    except (_UsageError, FileNotFoundError, CaseReadError) as exc:
-        return fail(str(exc))
+    all_cases = find_cases(args.input)
     if args.input.is_dir():
         # never count the mask or this command's own label / detection maps as cases when they sit in the
         # input folder
@@ -866,146 +782,224 @@ def _run(args: argparse.Namespace, guard: SignalGuard) -> int:
         all_cases = [p for p in all_cases if p not in own_maps
                      and not (skip and pathlib.Path(os.path.realpath(p)) in skip)]
     if not all_cases:
-        return fail(f"{args.input}: no case files (.nii, .nii.gz, .npz, .npy) found")
-    cases = shard(all_cases, args.num_parts, args.part_id)
-    settings = CountSettings(
+        raise _UsageError(f"{args.input}: no case files (.nii, .nii.gz, .npz, .npy) found")
+    return all_cases, shard(all_cases, args.num_parts, args.part_id)
+
+
+def _settings_from_args(args):
+    """The :class:`~lesioncount.report.CountSettings` of the parsed options."""
+    from ..report import CountSettings
+
+    return CountSettings(
         threshold=args.threshold, connectivity=args.connectivity, min_size=args.min_size,
         min_volume=args.min_volume, max_count=args.max_count, from_logits=args.from_logits,
         mask=str(args.mask) if args.mask is not None else None, channel=args.channel, device=args.device,
         baseline_threshold=args.baseline_threshold,
     )
+
+
+def _run(args: argparse.Namespace, guard: SignalGuard) -> int:
+    """Check the options, discover the cases, lock the output folder and run :func:`_run_locked`."""
+    from ..io import CaseReadError
+
+    try:
+        _validate(args)
+        all_cases, cases = _discover_cases(args)
+    except (_UsageError, FileNotFoundError, CaseReadError) as exc:
+        return _fail(str(exc))
+    settings = _settings_from_args(args)
     out_dir: pathlib.Path = args.output
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        return fail(f"cannot create output folder {out_dir}: {exc}")
+        return _fail(f"cannot create output folder {out_dir}: {exc}")
     sharded = args.num_parts > 1
     what = "count" + (f" part {args.part_id} of {args.num_parts}" if sharded else "")
     try:
         with guard.critical():
             locks = lock_output_folder(out_dir, what, (args.part_id, args.num_parts) if sharded else None)
     except FolderBusy as exc:
-        return fail(str(exc))
+        return _fail(str(exc))
     except OSError as exc:
-        return fail(f"cannot create the lock file in {out_dir}: {exc}")
+        return _fail(f"cannot create the lock file in {out_dir}: {exc}")
     try:
         if locks[0].unsupported is not None and not args.quiet:
             print(f"lesioncount count: warning: cannot lock {out_dir} ({locks[0].unsupported}); a second run into "
                   f"this folder at the same time would not be detected", file=sys.stderr)
-        return _run_locked(args, guard, fail, all_cases, cases, settings, out_dir, exclusive=not sharded
-                           and locks[0].unsupported is None)
+        return _run_locked(args, guard, all_cases, cases, settings, out_dir,
+                           exclusive=not sharded and locks[0].unsupported is None)
     finally:
         release_locks(locks)
 
 
-def _run_locked(args, guard, fail, all_cases, cases, settings, out_dir, exclusive) -> int:
-    from .._extras import MissingExtraError, available, require
-    from ..io import CaseReadError, case_name, gzip_backend, read_mask
-    from ..report import lesion_fields, lesion_rows, summary_fields, summary_row
+class _CasePaths(NamedTuple):
+    """The output files of one case in the output folder."""
 
-    json_paths = [out_dir / f"{case_name(p)}.json" for p in cases]
-    labels_paths = [out_dir / f"{case_name(p)}_labels.nii.gz" for p in cases]
-    detection_paths = [out_dir / f"{case_name(p)}_detection.nii.gz" for p in cases]
-    save_detection = getattr(args, "save_detection_map", False)
-    existing = [p for p in json_paths if p.exists()]
-    if existing and not (args.overwrite or args.skip_existing):
-        shown = ", ".join(p.name for p in existing[:5]) + (" ..." if len(existing) > 5 else "")
-        return fail(f"{len(existing)} result(s) already in {out_dir} ({shown}); pass --overwrite to recompute "
-                    f"or --skip-existing to keep them")
-    shared_mask = None
-    if args.mask is not None and args.mask.is_file():
-        try:
-            shared_mask = read_mask(args.mask)
-        except CaseReadError as exc:
-            return fail(f"--mask: {exc}")
+    json: pathlib.Path
+    labels: pathlib.Path
+    detection: pathlib.Path
 
-    suffix = _part_suffix(args)
-    with guard.critical():
-        # From here on the folder's summaries describe this run: the old ones go first (a run killed
-        # even by SIGKILL leaves no summary rather than a stale one), and they are written at the end,
-        # also after SIGINT/SIGTERM.
-        stale = _stale_outputs(out_dir, args)
-        if exclusive:  # nobody else writes here: hidden temporary files are leftovers of killed runs
-            stale += [p for p in out_dir.iterdir() if _TEMP_RE.match(p.name)]
-        if args.overwrite:  # this run's cases get new outputs: never an old label/detection map beside a new JSON
-            stale += [p for group in zip(json_paths, labels_paths, detection_paths) for p in group
-                      if os.path.lexists(p)]
-        for path in stale:
-            try:
-                _unlink(path)
-            except IsADirectoryError:
-                pass  # reported when it is written
-            except OSError as exc:
-                return fail(f"cannot remove the earlier output {path}: {exc}")
 
-    rows: dict[int, dict] = {}
-    lesions: dict[int, list] = {}
-    errors: dict[int, tuple[str, str, str]] = {}
-    totals = collections.Counter()
-    todo = []
-    bar = None
-    pool = None
-    live: set = set()  # futures whose map temporary files are not yet renamed or removed
-    interrupted = None
-    t_start = time.perf_counter()
+class _Results:
+    """What the run has so far, by case index: summary rows, lesion rows, errors, summed timings;
+    and the progress bar its messages must not break."""
 
-    def say(message: str) -> None:
-        if bar is not None:
-            bar.write(message, file=sys.stderr)  # keeps the bar intact
+    def __init__(self) -> None:
+        self.rows: dict[int, dict] = {}
+        self.lesions: dict[int, list] = {}
+        self.errors: dict[int, tuple[str, str, str]] = {}
+        self.totals = collections.Counter()
+        self.bar = None
+
+    def say(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stderr)  # keeps the bar intact
         else:
             print(message, file=sys.stderr)
 
-    def report_error(index, path, exc):
+    def add(self, index: int, report: dict) -> None:
+        """A finished (or kept) case's summary and lesion rows."""
+        from ..report import lesion_rows, summary_row
+
+        self.rows[index], self.lesions[index] = summary_row(report), lesion_rows(report)
+
+    def error(self, index: int, path: pathlib.Path, exc: BaseException) -> None:
+        from ..io import CaseReadError, case_name
+
         if isinstance(exc, CaseReadError) and exc.path == path:
             reason = exc.reason
         elif isinstance(exc, (CaseReadError, ValueError)):
             reason = str(exc)
         else:
             reason = f"{type(exc).__name__}: {exc}"
-        errors[index] = (case_name(path), str(path), reason)
-        say(f"lesioncount count: {path}: {reason}")
+        self.errors[index] = (case_name(path), str(path), reason)
+        self.say(f"lesioncount count: {path}: {reason}")
 
+
+def _run_locked(args, guard, all_cases, cases, settings, out_dir, exclusive) -> int:
+    """The steps of a run on a locked output folder: prepare it, keep or count every case (load,
+    mask, geometry, count, write its files), then write the summaries and print the totals."""
+    from ..io import CaseReadError, case_name, read_mask
+
+    paths = [_CasePaths(out_dir / f"{case_name(p)}.json", out_dir / f"{case_name(p)}_labels.nii.gz",
+                        out_dir / f"{case_name(p)}_detection.nii.gz") for p in cases]
+    existing = [p.json for p in paths if p.json.exists()]
+    if existing and not (args.overwrite or args.skip_existing):
+        shown = ", ".join(p.name for p in existing[:5]) + (" ..." if len(existing) > 5 else "")
+        return _fail(f"{len(existing)} result(s) already in {out_dir} ({shown}); pass --overwrite to recompute "
+                     f"or --skip-existing to keep them")
+    shared_mask = None
+    if args.mask is not None and args.mask.is_file():
+        try:
+            shared_mask = read_mask(args.mask)
+        except CaseReadError as exc:
+            return _fail(f"--mask: {exc}")
+    problem = _remove_stale_outputs(args, guard, out_dir, paths, exclusive)
+    if problem is not None:
+        return _fail(problem)
+    results = _Results()
+    t_start = time.perf_counter()
+    interrupted = None
     try:
-        relabel = []
-        for index, (path, json_path) in enumerate(zip(cases, json_paths)):
-            if args.skip_existing and json_path.exists():
-                try:
-                    report = json.loads(json_path.read_text())
-                    _check_same_settings(report["settings"], settings)
-                    row, lesion = summary_row(report), lesion_rows(report)
-                except (ValueError, KeyError, TypeError) as exc:
-                    errors[index] = (case_name(path), str(path),
-                                     f"existing {json_path.name} unusable: {exc}; use --overwrite")
-                    continue
-                if args.save_labels or save_detection:
-                    relabel.append((index, path, json_path, report, row, lesion))
-                    continue
-                rows[index], lesions[index] = row, lesion
-                totals["kept"] += 1
-                continue
-            todo.append((index, path, json_path))
-        if relabel:  # --skip-existing --save-labels / --save-detection-map: a kept case needs complete maps
-            redo = []
-            for index, path, json_path, report, row, lesion in relabel:
-                problems = []
-                if args.save_labels:
-                    problems.append((labels_paths[index], _label_map_problem(labels_paths[index], report)))
-                if save_detection:
-                    problems.append((detection_paths[index],
-                                     _detection_map_problem(detection_paths[index], report)))
-                problems = [(map_path, problem) for map_path, problem in problems if problem is not None]
-                if not problems:
-                    rows[index], lesions[index] = row, lesion
-                    totals["kept"] += 1
-                else:
-                    redo.append((index, path, json_path))
-                    for map_path, problem in problems:
-                        say(f"lesioncount count: note: {map_path.name}: {problem}; counting {path.name} "
-                            f"again to write it")
-            todo = sorted(todo + redo)
+        todo = _kept_cases(args, settings, cases, paths, results)
+        _count_cases(args, guard, settings, shared_mask, out_dir, todo, paths, results)
+    except Interrupted as exc:
+        interrupted = exc.signum
+    finally:
+        guard.defer()  # from here on signals are only recorded: the summaries are written to the end
+    interrupted = interrupted or guard.received
+    failed_writes = _write_summaries(args, out_dir, all_cases, cases, settings, results, interrupted)
+    return _print_totals(args, out_dir, cases, results, interrupted, failed_writes, time.perf_counter() - t_start)
 
+
+def _remove_stale_outputs(args, guard, out_dir: pathlib.Path, paths: list, exclusive: bool) -> str | None:
+    """Remove what this run replaces before the first case is written; the error message, or None.
+
+    From here on the folder's summaries describe this run: the old ones go first (a run killed even
+    by SIGKILL leaves no summary rather than a stale one), and they are written at the end, also
+    after SIGINT/SIGTERM. With the folder to itself (``exclusive``) hidden temporary files are
+    leftovers of killed runs; with ``--overwrite`` the cases' old JSON and maps go too (never an old
+    label/detection map beside a new JSON).
+    """
+    from ..io import is_temp_name, unlink_if_present
+
+    with guard.critical():
+        stale = _stale_outputs(out_dir, args)
+        if exclusive:
+            stale += [p for p in out_dir.iterdir() if is_temp_name(p.name)]
+        if args.overwrite:
+            stale += [p for group in paths for p in group if os.path.lexists(p)]
+        for path in stale:
+            try:
+                unlink_if_present(path)
+            except IsADirectoryError:
+                pass  # reported when it is written
+            except OSError as exc:
+                return f"cannot remove the earlier output {path}: {exc}"
+    return None
+
+
+def _kept_cases(args, settings, cases: list, paths: list, results: _Results) -> list:
+    """Step 2a, ``--skip-existing``: keep the cases whose ``CASE.json`` (and, with ``--save-labels``
+    / ``--save-detection-map``, whose maps) this run would write again; returns the cases to count,
+    ``[(index, path, json path)]`` in case order."""
+    from ..io import case_name
+    from ..report import lesion_rows, summary_row
+
+    save_detection = getattr(args, "save_detection_map", False)
+    todo, relabel = [], []
+    for index, (path, case_paths) in enumerate(zip(cases, paths)):
+        if not (args.skip_existing and case_paths.json.exists()):
+            todo.append((index, path, case_paths.json))
+            continue
+        try:
+            report = json.loads(case_paths.json.read_text())
+            _check_same_settings(report["settings"], settings)
+            row, lesion = summary_row(report), lesion_rows(report)
+        except (ValueError, KeyError, TypeError) as exc:
+            results.errors[index] = (case_name(path), str(path),
+                                     f"existing {case_paths.json.name} unusable: {exc}; use --overwrite")
+            continue
+        if args.save_labels or save_detection:
+            relabel.append((index, path, report, row, lesion))
+            continue
+        results.rows[index], results.lesions[index] = row, lesion
+        results.totals["kept"] += 1
+    if not relabel:
+        return todo
+    redo = []  # --skip-existing --save-labels / --save-detection-map: a kept case needs complete maps
+    for index, path, report, row, lesion in relabel:
+        problems = []
+        if args.save_labels:
+            problems.append((paths[index].labels, _label_map_problem(paths[index].labels, report)))
+        if save_detection:
+            problems.append((paths[index].detection, _detection_map_problem(paths[index].detection, report)))
+        problems = [(map_path, problem) for map_path, problem in problems if problem is not None]
+        if not problems:
+            results.rows[index], results.lesions[index] = row, lesion
+            results.totals["kept"] += 1
+        else:
+            redo.append((index, path, paths[index].json))
+            for map_path, problem in problems:
+                results.say(f"lesioncount count: note: {map_path.name}: {problem}; counting {path.name} "
+                            f"again to write it")
+    return sorted(todo + redo)
+
+
+def _count_cases(args, guard, settings, shared_mask, out_dir: pathlib.Path, todo: list, paths: list,
+                 results: _Results) -> None:
+    """Step 2b: count every case of ``todo`` (:func:`_process_case`: load, mask, geometry, count, in
+    ``--workers`` threads) and write its files in case order (:func:`_write_case`). One bad case is
+    an error row, not the end of the run; :class:`Interrupted` propagates after the clean-up (the
+    maps of cases counted but not written are removed)."""
+    from .._extras import MissingExtraError, available, require
+
+    pool = None
+    live: set = set()  # futures whose map temporary files are not yet renamed or removed
+    try:
         if len(todo) > 1 and not args.quiet and available("tqdm"):
-            bar = require("tqdm").tqdm(total=len(todo), desc="lesioncount count", unit="case", file=sys.stderr)
+            results.bar = require("tqdm").tqdm(total=len(todo), desc="lesioncount count", unit="case",
+                                               file=sys.stderr)
         workers = args.workers
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lesioncount-case") if workers > 0 else None
         pending: collections.deque = collections.deque()
@@ -1029,79 +1023,97 @@ def _run_locked(args, guard, fail, all_cases, cases, settings, out_dir, exclusiv
         for _ in range(2 * workers if workers > 0 else 1):
             submit_next()
         while pending:
-            (index, path, json_path), job = pending[0]
+            (index, path, _), job = pending[0]
             t_wait = time.perf_counter()
             # --workers 0: the main thread processes the case, so a signal waits for its end (its
             # temporary label map must be renamed or removed); with workers it interrupts the wait
             with (guard.critical() if pool is None else contextlib.nullcontext()):
                 try:
-                    result = job.result() if pool is not None else _process_case(*job)
+                    counted = job.result() if pool is not None else _process_case(*job)
                 except MissingExtraError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - one bad case must not stop the folder
                     pending.popleft()
                     live.discard(job) if pool is not None else None
                     submit_next()
-                    report_error(index, path, exc)
+                    results.error(index, path, exc)
                 else:
-                    report, text, notes, temps = result
                     wait_s = time.perf_counter() - t_wait
                     with guard.critical():  # a case's files and its summary rows go together
                         pending.popleft()
                         submit_next()
-                        for message in notes:
-                            say(f"lesioncount count: warning: {message}")
-                        try:
-                            for kind, map_path in (("labels", labels_paths[index]),
-                                                   ("detection", detection_paths[index])):
-                                if temps[kind] is not None:
-                                    os.replace(temps[kind], map_path)
-                                    temps[kind] = None
-                                else:  # a map left by an earlier run does not belong to this JSON
-                                    _unlink(map_path)
-                            report["timings_s"]["wait_s"] = wait_s
-                            _write_json(json_path, text.replace(_WAIT_PLACEHOLDER, json.dumps(wait_s), 1))
-                        except OSError as exc:
-                            _unlink_temps(temps)
-                            report_error(index, path, exc)
-                        else:
-                            timings = report["timings_s"]
-                            rows[index], lesions[index] = summary_row(report), lesion_rows(report)
-                            totals.update({k: timings[k] for k in ("read_s", "wait_s", "count_s", "write_s")})
-                            totals["counted"] += 1
+                        _write_case(index, path, counted, wait_s, paths[index], results)
                         live.discard(job) if pool is not None else None
-                if bar is not None:
-                    bar.update(1)
-    except Interrupted as exc:
-        interrupted = exc.signum
+                if results.bar is not None:
+                    results.bar.update(1)
     finally:
         guard.defer()  # from here on signals are only recorded: the clean-up and the summaries run to the end
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         for future in live:  # finished cases never written: their label and detection maps go
             if future.done() and not future.cancelled() and future.exception() is None:
-                _unlink_temps(future.result()[3])
-        if bar is not None:
-            bar.close()
-    interrupted = interrupted or guard.received
+                _unlink_temps(future.result().temps)
+        if results.bar is not None:
+            results.bar.close()
 
+
+def _write_case(index: int, path: pathlib.Path, counted: "_CountedCase", wait_s: float, case_paths: _CasePaths,
+                results: _Results) -> None:
+    """Step 3, write a counted case's outputs (in the main thread, in case order): its maps renamed
+    from their temporary files (an earlier run's map that this JSON does not describe is removed),
+    then ``CASE.json`` with ``wait_s`` filled in; its rows go into ``results`` (or its error)."""
+    from ..io import JSONText, unlink_if_present, write_json
+
+    for message in counted.notes:
+        results.say(f"lesioncount count: warning: {message}")
+    report, temps = counted.report, counted.temps
+    try:
+        for kind, map_path in (("labels", case_paths.labels), ("detection", case_paths.detection)):
+            if temps[kind] is not None:
+                os.replace(temps[kind], map_path)
+                temps[kind] = None
+            else:  # a map left by an earlier run does not belong to this JSON
+                unlink_if_present(map_path)
+        report["timings_s"]["wait_s"] = wait_s
+        # the members the worker formatted, and the timings, complete now
+        write_json(case_paths.json, {key: report[key] if key == "timings_s" else JSONText(counted.members[key])
+                                     for key in report})
+    except OSError as exc:
+        _unlink_temps(temps)
+        results.error(index, path, exc)
+    else:
+        timings = report["timings_s"]
+        results.add(index, report)
+        results.totals.update({k: timings[k] for k in ("read_s", "wait_s", "count_s", "write_s")})
+        results.totals["counted"] += 1
+
+
+def _write_summaries(args, out_dir: pathlib.Path, all_cases: list, cases: list, settings, results: _Results,
+                     interrupted: int | None) -> list:
+    """Step 4, the run's tables: ``summary.csv``, ``lesions.csv``, ``errors.csv`` (``.part-i-of-n``
+    for a shard, with its manifest), written also after SIGINT/SIGTERM (the unprocessed cases are
+    error rows then); returns the files that could not be written."""
+    from .._tables import write_csv
+    from ..io import case_name, fsync_folder, write_json
+    from ..report import lesion_fields, summary_fields
+
+    suffix = _part_suffix(args)
     if interrupted is not None:
         name = signal.Signals(interrupted).name
         for index, path in enumerate(cases):
-            if index not in rows and index not in errors:
-                errors[index] = (case_name(path), str(path),
-                                 f"not processed: the run was interrupted by {name}; run again with --skip-existing "
-                                 f"to count the rest")
+            if index not in results.rows and index not in results.errors:
+                results.errors[index] = (case_name(path), str(path),
+                                         f"not processed: the run was interrupted by {name}; run again with "
+                                         f"--skip-existing to count the rest")
+    rows, lesions, errors = results.rows, results.lesions, results.errors
     failed_writes = []
     outputs = [(out_dir / f"summary{suffix}.csv", summary_fields(args.max_count), [rows[i] for i in sorted(rows)]),
                (out_dir / f"lesions{suffix}.csv", lesion_fields(), [r for i in sorted(lesions) for r in lesions[i]]),
-               (out_dir / f"errors{suffix}.csv", None, [errors[i] for i in sorted(errors)])]
+               (out_dir / f"errors{suffix}.csv", ["case", "file", "error"],
+                [dict(zip(("case", "file", "error"), errors[i])) for i in sorted(errors)])]
     for path, fields, table in outputs:
         try:
-            if fields is None:
-                _write_errors(path, table)
-            else:
-                _write_table(path, fields, table)
+            write_csv(path, fields, table)
         except OSError as exc:
             failed_writes.append(path)
             print(f"lesioncount count: error: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
@@ -1117,9 +1129,18 @@ def _run_locked(args, guard, fail, all_cases, cases, settings, out_dir, exclusiv
         except OSError as exc:
             failed_writes.append(out_dir / f".lesioncount{suffix}.manifest")
             print(f"lesioncount count: error: cannot write the shard manifest: {exc.strerror or exc}", file=sys.stderr)
-    _fsync_folder(out_dir)
+    fsync_folder(out_dir)
+    return failed_writes
 
-    elapsed = time.perf_counter() - t_start
+
+def _print_totals(args, out_dir: pathlib.Path, cases: list, results: _Results, interrupted: int | None,
+                  failed_writes: list, elapsed: float) -> int:
+    """Step 5, summarise: the closing lines on stdout / stderr; returns the exit code (0, 1 when a
+    case or a summary failed, 128 + signal number when interrupted)."""
+    from ..io import gzip_backend
+
+    suffix = _part_suffix(args)
+    rows, errors, totals = results.rows, results.errors, results.totals
     if interrupted is not None:
         print(f"lesioncount count: interrupted by {signal.Signals(interrupted).name}: {len(rows)} of {len(cases)} "
               f"case(s) done and listed in {out_dir / f'summary{suffix}.csv'}, the other {len(cases) - len(rows)} "

@@ -41,7 +41,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import math
 import pathlib
@@ -49,27 +48,19 @@ import sys
 import time
 import warnings
 
+from .._tables import CC_COUNT, COUNT_DISTRIBUTION_ID, markdown_table, write_csv, write_markdown
+from ._options import add_count_options
+from ._options import float_list as _float_list
+from ._options import nonneg_float as _nonneg_float
+from ._options import positive_int as _positive_int
+from ._options import probability as _probability
+
 HELP = "score count distributions and the cc_count baseline against ground-truth masks (report, CSV, plots)"
 
 DEFAULT_THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(1, 10))
 DEFAULT_DISCARD_FRACTIONS = tuple(round(0.05 * i, 2) for i in range(0, 11))
-METHOD = "count_distribution"
-BASELINE = "cc_count"
-
-
-def _float_list(text: str, lo: float, hi: float, hi_open: bool = True) -> tuple[float, ...]:
-    # argparse prefixes these messages with "argument --NAME:", so they do not repeat the name
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one number")
-    for v in values:
-        ok = lo <= v < hi if hi_open else lo <= v <= hi
-        if not ok or math.isnan(v):
-            raise argparse.ArgumentTypeError(f"{v} is outside [{lo}, {hi}{')' if hi_open else ']'}")
-    return tuple(sorted(set(values)))
+METHOD = COUNT_DISTRIBUTION_ID  # as metrics.csv has always spelled it (lesioncount._tables)
+BASELINE = CC_COUNT
 
 
 def _thresholds(text: str) -> tuple[float, ...]:
@@ -78,32 +69,6 @@ def _thresholds(text: str) -> tuple[float, ...]:
 
 def _fractions(text: str) -> tuple[float, ...]:
     return _float_list(text, 0.0, 1.0)
-
-
-def _probability(text: str) -> float:
-    if "," in text:
-        raise argparse.ArgumentTypeError(f"expected one number, got {text!r}")
-    return _float_list(text, 0.0, 1.0)[0]
-
-
-def _bounded(cast, minimum, what: str):
-    """An argparse ``type`` parsing ``cast(text)`` and requiring a finite value >= ``minimum``."""
-
-    def parse(text: str):
-        try:
-            v = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not (math.isfinite(v) and v >= minimum):
-            raise argparse.ArgumentTypeError(f"expected {what} >= {minimum}, got {text}")
-        return v
-
-    return parse
-
-
-_positive_int = _bounded(int, 1, "an integer")
-_nonneg_int = _bounded(int, 0, "an integer")
-_nonneg_float = _bounded(float, 0, "a finite number")
 
 
 def _iou(text: str) -> float:
@@ -141,17 +106,12 @@ def register(subparsers) -> None:
     p.add_argument("--report-threshold", type=_probability, default=0.1,
                    help="threshold of the accuracy-vs-discarded curve and the reliability diagram "
                         "(added to the sweep if missing)")
-    p.add_argument("--connectivity", type=int, default=18, choices=(6, 18, 26))
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--min-size", type=_nonneg_int, default=0,
-                      help="drop candidates and GT lesions with fewer voxels")
-    size.add_argument("--min-volume", type=_nonneg_float, default=None,
-                      help="drop candidates and GT lesions smaller than this many mm^3 (per-case voxel size)")
-    p.add_argument("--max-count", type=_positive_int, default=4, help="M: count bins 0..M-1 and 'M or more'")
-    p.add_argument("--from-logits", action="store_true", help="the maps hold logits (thresholds stay probabilities)")
-    p.add_argument("--channel", type=_nonneg_int, default=None,
-                   help="lesion channel of multi-channel maps, 0-based (default: 1 for nnU-Net .npz; a 4-D NIfTI "
-                        "with several volumes needs it)")
+    add_count_options(
+        p, connectivity="", min_size="drop candidates and GT lesions with fewer voxels",
+        min_volume="drop candidates and GT lesions smaller than this many mm^3 (per-case voxel size)",
+        max_count="M: count bins 0..M-1 and 'M or more'", from_logits="the maps hold logits (thresholds stay probabilities)",
+        channel="lesion channel of multi-channel maps, 0-based (default: 1 for nnU-Net .npz; a 4-D NIfTI "
+                "with several volumes needs it)", checked=True)
     p.add_argument("--n-bins", type=_positive_int, default=10, help="confidence bins of ECE/MCE and the reliability diagram")
     p.add_argument("--discard-fractions", type=_fractions, default=DEFAULT_DISCARD_FRACTIONS,
                    help="comma-separated fractions in [0, 1) of most uncertain cases to discard")
@@ -443,23 +403,6 @@ def compute_detection(cases: list[CaseResult], thresholds, args):
     return rows, {"froc": froc, "pr": pr, "recall_by_size": by_size, "lesions": lesions}
 
 
-def _fmt(v, digits=4):
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.{digits}f}" if math.isfinite(v) else str(v)
-    return str(v)
-
-
-def _write_csv(path: pathlib.Path, fieldnames, rows) -> None:
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fieldnames)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else (repr(row[k]) if isinstance(row[k], float) else row[k]))
-                             for k in fieldnames})
-
-
 def per_case_rows(cases: list[CaseResult], thresholds) -> tuple[list[str], list[dict]]:
     """Columns ``case, gt_count`` and, per threshold t, ``expected@t, most_likely@t, cc_count@t``.
 
@@ -557,22 +500,18 @@ def write_report(out: pathlib.Path, args, thresholds, cases, rows, discard_rows,
                   "F1 are macro averages over the count bins present in predictions or targets; ECE/MCE are "
                   "top-label calibration errors (the baseline scored as a one-hot distribution); count MAE is "
                   "|expected count - true count| (baseline: |cc_count - true count|); NLL is the mean "
-                  "-log P(true count bin) (undefined for the hard baseline).", "",
-                  "| method | threshold | " + " | ".join(METRIC_COLUMNS) + " |",
-                  "|---|---|" + "---|" * len(METRIC_COLUMNS)]
-        for row in rows:
-            lines.append(f"| {row['method']} | {row['threshold']:g} | "
-                         + " | ".join(_fmt(row[k]) if row[k] is not None else "n/a" for k in METRIC_COLUMNS) + " |")
+                  "-log P(true count bin) (undefined for the hard baseline).", ""]
+        lines += markdown_table([{**row, "threshold": f"{row['threshold']:g}"} for row in rows],
+                                ["method", "threshold", *METRIC_COLUMNS], none="n/a")
         lines.append("")
         for method in (METHOD, BASELINE):
             best = max((r for r in rows if r["method"] == method), key=lambda r: r["accuracy"])
             lines.append(f"- best {method} accuracy {best['accuracy']:.4f} at threshold {best['threshold']:g} "
                          f"(F1 {best['f1']:.4f})")
         lines += ["", f"## Accuracy vs discarded most uncertain cases ({METHOD} @ {args.report_threshold:g}, "
-                      "ranked by entropy of the count distribution)", "",
-                  "| fraction discarded | cases kept | accuracy |", "|---|---|---|"]
-        for r in discard_rows:
-            lines.append(f"| {r['fraction']:g} | {r['n_kept']} | {r['accuracy']:.4f} |")
+                      "ranked by entropy of the count distribution)", ""]
+        lines += markdown_table([{**r, "fraction": f"{r['fraction']:g}"} for r in discard_rows],
+                                ["fraction", "n_kept", "accuracy"], header=["fraction discarded", "cases kept", "accuracy"])
         lines.append("")
         if pngs:
             lines += ["## Figures", ""]
@@ -597,7 +536,7 @@ def write_report(out: pathlib.Path, args, thresholds, cases, rows, discard_rows,
         for name, path in no_pred:
             lines.append(f"- no prediction for ground truth `{name}` ({path})")
         lines.append("")
-    (out / "report.md").write_text("\n".join(lines))
+    write_markdown(out / "report.md", lines)
 
 
 def _detection_report(args, rows, detection) -> list[str]:
@@ -612,24 +551,25 @@ def _detection_report(args, rows, detection) -> list[str]:
              "sum of the GT lesions' Dice with their matched candidate / (GT lesions + FPs), averaged (BraTS 2023 "
              "style, one-to-one). |K-G|: candidates minus GT lesions; E|C-G|: under the exact count distribution. "
              "AP and the FROC (CPM = mean sensitivity at 1/8..8 FPs per scan, "
-             f"{getattr(args, 'froc_interpolation', 'linear')} reading) score each candidate by p_k.", "",
-             "| threshold | GT | cand. | TP | FP | FN | precision | recall | F1 | F1 case mean | lesion Dice | "
-             "mean abs(K-G) | E abs(C-G) | AP | CPM |", "|---" * 15 + "|"]
-    for r in rows:
-        lines.append(f"| {r['threshold']:g} | {r['n_gt']} | {r['n_candidates']} | {r['tp']} | {r['fp']} | {r['fn']} | "
-                     + " | ".join(_fmt(float(r[k])) for k in ("precision", "recall", "f1", "f1_case_mean", "lesion_dice",
-                                                              "count_abs_diff", "expected_abs_count_error", "ap", "cpm"))
-                     + " |")
+             f"{getattr(args, 'froc_interpolation', 'linear')} reading) score each candidate by p_k.", ""]
+    counts = ("n_gt", "n_candidates", "tp", "fp", "fn")
+    scores = ("precision", "recall", "f1", "f1_case_mean", "lesion_dice", "count_abs_diff", "expected_abs_count_error",
+              "ap", "cpm")
+    lines += markdown_table([{"threshold": f"{r['threshold']:g}", **{k: r[k] for k in counts},
+                              **{k: float(r[k]) for k in scores}} for r in rows],
+                            ["threshold", *counts, *scores],
+                            header=["threshold", "GT", "cand.", "TP", "FP", "FN", "precision", "recall", "F1",
+                                    "F1 case mean", "lesion Dice", "mean abs(K-G)", "E abs(C-G)", "AP", "CPM"])
     lines.append("")
     if detection is not None and detection["froc"]["n_targets"]:
         f = detection["froc"]
         lines += [f"FROC at threshold {args.report_threshold:g}: "
                   + ", ".join(f"{r:g} FP/scan: {v:.4f}" for r, v in zip(f["fp_rates"], f["sensitivities"]))
                   + f"; CPM {f['cpm']:.4f}; AP {f['ap']:.4f}.", ""]
-        lines += ["| lesion volume (mm^3) | GT lesions | found | recall |", "|---|---|---|---|"]
-        for b in detection["recall_by_size"]:
-            hi = "inf" if math.isinf(b["upper"]) else f"{b['upper']:g}"
-            lines.append(f"| [{b['lower']:g}, {hi}) | {b['n_gt']} | {b['tp']} | {_fmt(b['recall'])} |")
+        lines += markdown_table(
+            [{**b, "bin": f"[{b['lower']:g}, {'inf' if math.isinf(b['upper']) else format(b['upper'], 'g')})"}
+             for b in detection["recall_by_size"]],
+            ["bin", "n_gt", "tp", "recall"], header=["lesion volume (mm^3)", "GT lesions", "found", "recall"])
         lines.append("")
     return lines
 
@@ -685,18 +625,18 @@ def run(args: argparse.Namespace) -> int:
         figures["detection_rows"], figures["detection"] = detection_rows, detection
         from ..detection import FROC_FP_RATES
 
-        _write_csv(out / "detection_metrics.csv",
+        write_csv(out / "detection_metrics.csv",
                    ["threshold", *DETECTION_COLUMNS, *(_rate_name(r) for r in FROC_FP_RATES)], detection_rows)
-        _write_csv(out / "lesions.csv", LESION_COLUMNS, detection["lesions"])
+        write_csv(out / "lesions.csv", LESION_COLUMNS, detection["lesions"])
         f = detection["froc"]
-        _write_csv(out / "froc.csv", ["score_threshold", "fps_per_image", "sensitivity"],
+        write_csv(out / "froc.csv", ["score_threshold", "fps_per_image", "sensitivity"],
                    [{"score_threshold": float(t), "fps_per_image": float(x), "sensitivity": float(y)}
                     for t, x, y in zip(f["thresholds"], f["fps_per_image"], f["sensitivity"])])
-        _write_csv(out / "recall_by_size.csv", ["lower", "upper", "n_gt", "tp", "recall"], detection["recall_by_size"])
+        write_csv(out / "recall_by_size.csv", ["lower", "upper", "n_gt", "tp", "recall"], detection["recall_by_size"])
         fields, case_rows = per_case_rows(cases, thresholds)
-        _write_csv(out / "per_case.csv", fields, case_rows)
-        _write_csv(out / "metrics.csv", ["method", "threshold", "n_cases", *METRIC_COLUMNS], rows)
-        _write_csv(out / "accuracy_vs_discarded.csv", ["fraction", "n_discarded", "n_kept", "accuracy"], discard_rows)
+        write_csv(out / "per_case.csv", fields, case_rows)
+        write_csv(out / "metrics.csv", ["method", "threshold", "n_cases", *METRIC_COLUMNS], rows)
+        write_csv(out / "accuracy_vs_discarded.csv", ["fraction", "n_discarded", "n_kept", "accuracy"], discard_rows)
         if not args.no_plots:
             pngs = write_figures(out, rows, discard_rows, figures, thresholds, args)
     else:

@@ -25,12 +25,14 @@ Example:
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import pathlib
 import sys
 import time
+
+from .._tables import write_csv
+from ._options import add_count_options
 
 HELP = "LIDC-IDRI reader-agreement maps as probability maps: count distribution vs consensus counts, FROC"
 LEVELS = (1, 2, 3, 4)
@@ -43,9 +45,8 @@ def register(subparsers) -> None:
     p.add_argument("-o", "--output", required=True, type=pathlib.Path, help="output folder (created)")
     p.add_argument("--limit", type=int, default=None, help="only the first N scans (by scan id)")
     p.add_argument("--scan-ids", type=str, default=None, help="comma-separated scan ids (instead of all)")
-    p.add_argument("--threshold", type=float, default=0.1, help="candidate threshold on the agreement map")
-    p.add_argument("--connectivity", type=int, default=18, choices=(6, 18, 26))
-    p.add_argument("--max-count", type=int, default=4, help="M: count bins 0..M-1 and 'M or more'")
+    add_count_options(p, threshold="candidate threshold on the agreement map", connectivity="",
+                      max_count="M: count bins 0..M-1 and 'M or more'")
     p.add_argument("--n-bins", type=int, default=10, help="confidence bins of ECE and the reliability diagrams")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
@@ -131,14 +132,6 @@ def _ece_nll(rows, key, M, n_bins):
     return m, pmf, target
 
 
-def _write_csv(path, fields, rows):
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow(r)
-
-
 def run(args: argparse.Namespace) -> int:
     """Run the study; writes the tables, figures and ``summary.json`` into ``args.output``. Returns 0."""
     import numpy as np
@@ -174,14 +167,14 @@ def run(args: argparse.Namespace) -> int:
             metric_rows.append({"consensus": kind, "readers": f">={lvl}", "mean_target": float(t.mean()),
                                 "mean_expected": float(exp.mean()), **m,
                                 "overdispersion": float(((t - exp) ** 2).sum() / max(sum(r["variance"] for r in rows), 1e-12))})
-    _write_csv(out / "metrics.csv", list(metric_rows[0]), metric_rows)
+    write_csv(out / "metrics.csv", list(metric_rows[0]), metric_rows)
 
     per_scan_fields = ["scan_id", "patient_id", "n_annotations", "n_candidates", "expected", "variance",
                        "most_likely", *[f"comp_{l}" for l in LEVELS], *[f"clus_{l}" for l in LEVELS],
                        "max_coverage", "max_cluster_size", "cluster_tol_mm"]
     for r in rows:
         r["most_likely"] = int(np.argmax(r["pmf"]))
-    _write_csv(out / "per_scan.csv", per_scan_fields, rows)
+    write_csv(out / "per_scan.csv", per_scan_fields, rows)
 
     cands = [c for r in rows for c in r["candidates"]]
     n_c = len(cands)
@@ -207,13 +200,13 @@ def run(args: argparse.Namespace) -> int:
     matches = [r["match"] for r in rows]
     fr = froc_from_matches(matches, FROC_FP_RATES, "linear")
     det = detection_metrics(matches)
-    _write_csv(out / "froc.csv", ["score_threshold", "fps_per_image", "sensitivity"],
+    write_csv(out / "froc.csv", ["score_threshold", "fps_per_image", "sensitivity"],
                [{"score_threshold": float(a), "fps_per_image": float(b), "sensitivity": float(c)}
                 for a, b, c in zip(fr["thresholds"], fr["fps_per_image"], fr["sensitivity"])])
     froc_summary = {"n_targets": fr["n_targets"], "n_images": fr["n_images"], "cpm": fr["cpm"], "ap": fr["ap"],
                     "sensitivities": {f"{a:g}": float(b) for a, b in zip(fr["fp_rates"], fr["sensitivities"])},
                     **{k: det[k] for k in ("tp", "fp", "fn", "precision", "recall", "f1", "lesion_dice")}}
-    _write_csv(out / "assumptions.csv", ["quantity", "value"],
+    write_csv(out / "assumptions.csv", ["quantity", "value"],
                [{"quantity": k, "value": json.dumps(v)} for k, v in assumptions.items()])
 
     pngs = []

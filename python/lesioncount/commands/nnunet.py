@@ -26,6 +26,8 @@ import os
 import pathlib
 import sys
 
+from ._options import add_count_options
+
 HELP = "train nnU-Net v2 with the count term added (nnUNetv2_train's arguments + --count-* options)"
 
 
@@ -227,16 +229,14 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     a("--not_on_device", action="store_true", help="do not keep the sliding-window output on the device")
     g = parser.add_argument_group("counting (as `lesioncount count`)")
     g.add_argument("--count-output", default=None, help="folder for CASE.json, summary.csv, errors.csv (default: -o)")
-    g.add_argument("--threshold", type=float, default=0.1, help="candidate threshold, a probability in [0, 1) (default 0.1)")
-    g.add_argument("--connectivity", type=int, default=18, choices=(6, 18, 26), help="3-D neighbourhood (default 18)")
-    size = g.add_mutually_exclusive_group()
-    size.add_argument("--min-size", type=int, default=0, help="drop candidates with fewer voxels (default 0)")
-    size.add_argument("--min-volume", type=float, default=None,
-                      help="drop candidates smaller than this many mm^3 (ceil(V / voxel volume) voxels per case)")
-    g.add_argument("--max-count", type=int, default=4, help="M: bins 0..M-1 and 'M or more' (default 4)")
-    g.add_argument("--channel", type=int, default=1,
-                   help="lesion channel of nnU-Net's probabilities (softmax: the label value; regions: the region index) (default 1)")
-    g.add_argument("--baseline-threshold", type=float, default=0.5, help="threshold of the cc_count baseline (default 0.5)")
+    add_count_options(
+        g, threshold="candidate threshold, a probability in [0, 1) (default 0.1)",
+        connectivity="3-D neighbourhood (default 18)", min_size="drop candidates with fewer voxels (default 0)",
+        min_volume="drop candidates smaller than this many mm^3 (ceil(V / voxel volume) voxels per case)",
+        max_count="M: bins 0..M-1 and 'M or more' (default 4)", channel_default=1,
+        channel="lesion channel of nnU-Net's probabilities (softmax: the label value; regions: the region index) "
+                "(default 1)",
+        baseline_threshold="threshold of the cc_count baseline (default 0.5)")
     g.add_argument("--save-labels", action="store_true", help="write COUNTS/CASE_labels.nii.gz (candidate label map)")
 
 

@@ -20,7 +20,8 @@ import argparse
 import pathlib
 import sys
 
-from .evaluate import _nonneg_float, _nonneg_int, _positive_int, _probability
+from ._options import add_count_options
+from ._options import nonneg_int as _nonneg_int
 
 HELP = "plot the count distribution of one map and a slice with its candidates and their probabilities"
 
@@ -36,16 +37,12 @@ def register(subparsers) -> None:
     p.add_argument("--image-channel", type=_nonneg_int, default=0, help="channel of a multi-channel --image")
     p.add_argument("-o", "--output", required=True, type=pathlib.Path,
                    help="OUT.png (one figure, two panels) or a folder (two PNG files)")
-    p.add_argument("--threshold", type=_probability, default=0.1, help="candidate threshold (a probability)")
-    p.add_argument("--connectivity", type=int, default=18, choices=(6, 18, 26))
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--min-size", type=_nonneg_int, default=0, help="drop candidates with fewer voxels")
-    size.add_argument("--min-volume", type=_nonneg_float, default=None, help="drop candidates below this many mm^3")
-    p.add_argument("--max-count", type=_positive_int, default=4, help="M: count bins 0..M-1 and 'M or more'")
-    p.add_argument("--from-logits", action="store_true", help="the map holds logits")
-    p.add_argument("--channel", type=_nonneg_int, default=None,
-                   help="lesion channel of multi-channel maps, 0-based (default: 1 for nnU-Net .npz; a 4-D NIfTI "
-                        "with several volumes needs it)")
+    add_count_options(
+        p, threshold="candidate threshold (a probability)", connectivity="",
+        min_size="drop candidates with fewer voxels", min_volume="drop candidates below this many mm^3",
+        max_count="M: count bins 0..M-1 and 'M or more'", from_logits="the map holds logits",
+        channel="lesion channel of multi-channel maps, 0-based (default: 1 for nnU-Net .npz; a 4-D NIfTI "
+                "with several volumes needs it)", checked=True)
     p.add_argument("--allow-missing-geometry", action="store_true",
                    help="nnU-Net .npz without its sibling CASE.nii.gz: identity affine (1 mm voxels) "
                         "instead of failing")

@@ -5,6 +5,8 @@ without importing nnU-Net.
 """
 from __future__ import annotations
 
+from .._validation import DEFAULT_CONNECTIVITY, connectivity_text
+
 __all__ = ["COUNT_LOG_KEYS", "COUNT_OPTIONS", "CountOptionError", "parse_option"]
 
 
@@ -38,7 +40,8 @@ COUNT_OPTIONS = {
                          "cap of the weight; 'none' = uncapped (default 1.0)"),
     "count_threshold": ("LESIONCOUNT_NNUNET_THRESHOLD", float, "candidate threshold, a probability (default 0.1)"),
     "count_connectivity": ("LESIONCOUNT_NNUNET_CONNECTIVITY", _parse_optional_int,
-                           "6/18/26 (3D) or 4/8 (2D); 'none' = 18 in 3D, 8 in 2D (default)"),
+                           f"{connectivity_text()}; 'none' = {DEFAULT_CONNECTIVITY[3]} in 3D, "
+                           f"{DEFAULT_CONNECTIVITY[2]} in 2D (default)"),
     "count_min_size": ("LESIONCOUNT_NNUNET_MIN_SIZE", int, "ignore components with fewer voxels (default 0)"),
     "count_max_count": ("LESIONCOUNT_NNUNET_MAX_COUNT", int, "M: count bins 0..M-1 and 'M or more' (default 4)"),
     "count_max_lesions": ("LESIONCOUNT_NNUNET_MAX_LESIONS", _parse_optional_int,

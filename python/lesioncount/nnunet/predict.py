@@ -23,7 +23,6 @@ Example:
 """
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import pathlib
@@ -50,6 +49,7 @@ from nnunetv2.utilities.file_path_utilities import check_workers_alive_and_busy 
 from nnunetv2.utilities.helpers import empty_cache  # noqa: E402
 from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot  # noqa: E402
 
+from ..io import JSONText, format_json, write_json  # noqa: E402
 from ..report import CountSettings  # noqa: E402
 
 __all__ = ["CountJob", "CaseResult", "CountingPredictor", "export_and_count", "find_trainer_class"]
@@ -105,20 +105,6 @@ def find_trainer_class(name: str):
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
     return recursive_find_trainer_class_by_name(name)
-
-
-def _format_report(report: dict) -> str:
-    # the exact JSON layout of `lesioncount count` (CASE.json files of both commands compare equal)
-    from ..commands.count import _format_json
-
-    return _format_json(report)
-
-
-def _write_text(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text + "\n")
-    os.replace(tmp, path)
 
 
 def _count_probabilities(probabilities: np.ndarray, affine: np.ndarray, volume_path: str, job: CountJob) -> dict:
@@ -197,13 +183,13 @@ def export_and_count(predicted_logits, properties: dict, configuration_manager, 
         volume_path = output_file_truncated + ".npz" if save_probabilities else seg_path
         report = _count_probabilities(probabilities, affine, volume_path, job)
         del probabilities
+        # the layout of `lesioncount count` (io.format_json: CASE.json files of both commands compare
+        # equal); write_s is the formatting time of the members, which are formatted before the timings
         t1 = time.perf_counter()
+        members = {key: JSONText(format_json(value, 1)) for key, value in report.items() if key != "timings_s"}
         report["timings_s"] = {"predict_s": job.predict_s, "export_s": export_s, **report["timings_s"],
-                               "write_s": 0.0}
-        text = _format_report(report)
-        report["timings_s"]["write_s"] = time.perf_counter() - t1
-        text = text.replace('"write_s": 0.0', f'"write_s": {json.dumps(report["timings_s"]["write_s"])}', 1)
-        _write_text(pathlib.Path(job.json_path), text)
+                               "write_s": time.perf_counter() - t1}
+        write_json(job.json_path, {key: report[key] if key == "timings_s" else members[key] for key in report})
     except Exception as exc:  # noqa: BLE001 - one case that cannot be counted must not stop the folder
         return CaseResult(job.case, error=str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}")
     return CaseResult(job.case, report=report)

@@ -42,6 +42,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from .._validation import DEFAULT_CONNECTIVITY
+
 __all__ = ["AttackConfig", "AttackResult", "attack_count_entropy", "attack_scores", "entropy_from_log_pmf",
            "replace_counting"]
 
@@ -76,7 +78,7 @@ class AttackConfig:
     norm: str = "l2"
     seed: int = 0
     threshold: float = 0.1
-    connectivity: int = 18
+    connectivity: int = DEFAULT_CONNECTIVITY[3]
     max_count: int = 4
 
     def __post_init__(self) -> None:

@@ -26,6 +26,9 @@ import pathlib
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .._validation import CONNECTIVITIES as _VALID_CONNECTIVITIES
+from .._validation import DEFAULT_CONNECTIVITY
+
 __all__ = [
     "ConfigError",
     "TrainConfig",
@@ -39,7 +42,7 @@ DATA_SOURCES = ("phantom", "anatomy", "nnunet")
 # "unet": counting by this method (post hoc / multi-task); the others: the paper's parametric count heads
 MODEL_TYPES = ("unet", "bottleneck", "multihead", "downstream")
 AMP_MODES = ("auto", "bf16", "fp16", "none")
-CONNECTIVITIES = (6, 18, 26)
+CONNECTIVITIES = _VALID_CONNECTIVITIES[3]  # 3-D volumes: the rule of lesioncount._validation
 
 
 class ConfigError(ValueError):
@@ -67,7 +70,7 @@ class TrainConfig:
     num_val: int = 10
     num_test: int = 10
     shape: tuple[int, int, int] = (32, 64, 64)
-    connectivity: int = 18
+    connectivity: int = DEFAULT_CONNECTIVITY[3]
     augment: bool = True
     num_workers: int = 0
     # model: "unet" (this method) or a parametric count-head baseline (lesioncount.train.count_heads)
@@ -182,6 +185,8 @@ class TrainConfig:
     def count_weight_at(self, epoch: int) -> float:
         """Weight of the count NLL in epoch ``epoch`` (0-based); 0 during pre-training / post-hoc.
 
+        :func:`lesioncount.count_weight_schedule` (the one schedule, also nnU-Net's) with
+        ``w1 = count_weight``, ``w2 = count_weight_growth``, ``pretrain_epochs`` and no cap:
         ``count_weight * exp(count_weight_growth * (epoch - pretrain_epochs))`` from epoch
         ``pretrain_epochs`` on (paper: 0.001 * exp(0.06 t)).
 
@@ -190,9 +195,11 @@ class TrainConfig:
             >>> cfg.count_weight_at(19), round(cfg.count_weight_at(30), 6)
             (0.0, 0.001822)
         """
-        if self.post_hoc_only or epoch < self.pretrain_epochs or self.count_weight == 0:
+        from ..losses import count_weight_schedule
+
+        if self.post_hoc_only:
             return 0.0
-        return float(self.count_weight * math.exp(self.count_weight_growth * (epoch - self.pretrain_epochs)))
+        return count_weight_schedule(epoch, self.count_weight, self.count_weight_growth, self.pretrain_epochs)
 
     def to_dict(self) -> dict:
         """Plain dict of every field (tuples as lists), ready for YAML / checkpoints.

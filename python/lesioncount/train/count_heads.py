@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._validation import DEFAULT_CONNECTIVITY
 from .model import UNet3D
 
 __all__ = [
@@ -303,7 +304,7 @@ def head_count_loss(count_logits: torch.Tensor, counts: torch.Tensor, max_count:
 
 
 def model_count_log_pmf(model: nn.Module, image: torch.Tensor, *, threshold: float = 0.1,
-                        connectivity: int = 18, max_count: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+                        connectivity: int = DEFAULT_CONNECTIVITY[3], max_count: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """The count distribution of any model of this package, differentiable in ``image``.
 
     A :class:`CountHeadUNet` gives ``log_softmax`` of its count logits; a plain UNet the log-pmf of

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .._validation import DEFAULT_CONNECTIVITY
 from .phantom import (LesionSettings, _check_shape, connectivity_structure, count_lesions, generate_phantom,
                       zscore_normalize)
 
@@ -60,7 +61,7 @@ Item = Dict[str, Any]
 _DEFAULT_CACHE_BYTES = 1 << 30  # 1 GiB of cached cases per dataset (per DataLoader worker)
 
 
-def make_item(image: np.ndarray, mask: np.ndarray, name: str, connectivity: int = 18) -> Item:
+def make_item(image: np.ndarray, mask: np.ndarray, name: str, connectivity: int = DEFAULT_CONNECTIVITY[3]) -> Item:
     """Build a dataset item from a (C, D, H, W) image and a (D, H, W) binary mask.
 
     The count is the number of connected components of ``mask > 0`` with ``connectivity``.
@@ -172,7 +173,7 @@ class PhantomDataset(_CachedCaseDataset):
     """
 
     def __init__(self, num_cases: int, shape: Sequence[int] = (32, 64, 64), seed: int = 0,
-                 connectivity: int = 18, first_index: int = 0, settings: Optional[LesionSettings] = None,
+                 connectivity: int = DEFAULT_CONNECTIVITY[3], first_index: int = 0, settings: Optional[LesionSettings] = None,
                  cache_bytes: Optional[int] = None, transform: Optional[Callable] = None) -> None:
         super().__init__(num_cases, shape, seed, connectivity, first_index, cache_bytes, transform)
         if min(self.shape) < 8:
@@ -198,7 +199,7 @@ class AnatomyPhantomDataset(_CachedCaseDataset):
     """
 
     def __init__(self, num_cases: int, shape: Sequence[int] = (32, 64, 64), seed: int = 0,
-                 connectivity: int = 18, first_index: int = 0, settings: Optional[LesionSettings] = None,
+                 connectivity: int = DEFAULT_CONNECTIVITY[3], first_index: int = 0, settings: Optional[LesionSettings] = None,
                  cache_bytes: Optional[int] = None, transform: Optional[Callable] = None,
                  source: Optional[str] = None) -> None:
         super().__init__(num_cases, shape, seed, connectivity, first_index, cache_bytes, transform)
@@ -303,7 +304,7 @@ class NnUNetRawDataset(Dataset):
         ['T1', 'T1c', 'T2', 'FLAIR', 'PD']
     """
 
-    def __init__(self, root: Union[str, pathlib.Path], split: str = "Tr", connectivity: int = 18,
+    def __init__(self, root: Union[str, pathlib.Path], split: str = "Tr", connectivity: int = DEFAULT_CONNECTIVITY[3],
                  shape: Optional[Sequence[int]] = None, cases: Optional[Sequence[str]] = None,
                  lesion_label: Union[int, str, None] = None, size_multiple: int = 16,
                  transform: Optional[Callable] = None) -> None:
@@ -483,7 +484,7 @@ class RandomAffineFlip:
     """
 
     def __init__(self, flip_prob: float = 0.5, affine_prob: float = 0.8, max_rotation_deg: float = 5.0,
-                 scale_range: Tuple[float, float] = (0.9, 1.1), connectivity: int = 18) -> None:
+                 scale_range: Tuple[float, float] = (0.9, 1.1), connectivity: int = DEFAULT_CONNECTIVITY[3]) -> None:
         for name, p in (("flip_prob", flip_prob), ("affine_prob", affine_prob)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"RandomAffineFlip: {name} must be in [0, 1], got {p}")
@@ -565,7 +566,7 @@ class RandomAffineFlip:
 
 
 def build_datasets(source: str, *, num_train: int, num_val: int, num_test: int,
-                   shape: Sequence[int] = (32, 64, 64), seed: int = 0, connectivity: int = 18,
+                   shape: Sequence[int] = (32, 64, 64), seed: int = 0, connectivity: int = DEFAULT_CONNECTIVITY[3],
                    data_dir: Union[str, pathlib.Path, None] = None,
                    cache_bytes: Optional[int] = None) -> Tuple[Dataset, Dataset, Dataset]:
     """Training, validation and test datasets with disjoint cases (no augmentation applied).

@@ -25,7 +25,6 @@ Example:
 """
 from __future__ import annotations
 
-import csv
 import math
 import pathlib
 from contextlib import nullcontext
@@ -34,6 +33,9 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .._tables import CC_COUNT, COUNT_DISTRIBUTION, markdown_table, write_csv, write_markdown
+from .._validation import DEFAULT_CONNECTIVITY
+from ..metrics import VoxelStats  # noqa: F401 (re-exported: its home is lesioncount.metrics)
 from .config import ConfigError, TrainConfig
 
 __all__ = [
@@ -50,75 +52,9 @@ __all__ = [
 
 SWEEP_THRESHOLDS = tuple(round(0.1 * k, 1) for k in range(1, 10))  # 0.1 .. 0.9
 DISCARD_FRACTIONS = tuple(round(0.05 * k, 2) for k in range(0, 11))  # 0 .. 0.5
-THIS_METHOD = "count distribution"
-BASELINE = "cc_count"
+THIS_METHOD = COUNT_DISTRIBUTION
+BASELINE = CC_COUNT
 MC_METHOD = "MC-dropout cc_count"
-
-
-# ----------------------------------------------------------------------------------------------
-# streaming voxel statistics
-# ----------------------------------------------------------------------------------------------
-
-@dataclass
-class VoxelStats:
-    """Voxel-wise confusion counts at ``threshold`` and calibration bins, accumulated over batches.
-
-    The calibration bins are those of torchmetrics' binary calibration error: ``n_bins``
-    equal-width bins of the probability (compared in float32, ``bucketize(right=True)``) plus one
-    bin for probability exactly 1.0; per bin the number of voxels, the sum of probabilities and the
-    number of lesion voxels (float64 sums).
-
-    Example:
-        >>> stats = VoxelStats(threshold=0.5, n_bins=2)
-        >>> stats.update(torch.tensor([0.25, 0.25, 0.55, 0.75, 0.75]), torch.tensor([0, 0, 1, 1, 1]))
-        >>> [round(v, 4) for v in stats.calibration_errors()]
-        [0.29, 0.3167]
-    """
-
-    threshold: float = 0.5
-    n_bins: int = 10
-    tp: float = 0.0
-    fp: float = 0.0
-    fn: float = 0.0
-    bin_count: torch.Tensor | None = None
-    bin_confidence: torch.Tensor | None = None
-    bin_positive: torch.Tensor | None = None
-
-    def update(self, probs: torch.Tensor, mask: torch.Tensor) -> None:
-        """Add a batch: ``probs`` (...) in [0, 1] and a binary ``mask`` of the same shape."""
-        p = probs.detach().float().reshape(-1)
-        t = (mask.detach() > 0.5).reshape(-1)
-        pred = p > self.threshold
-        sums = torch.stack([(pred & t).sum(), (pred & ~t).sum(), (~pred & t).sum()]).tolist()
-        self.tp += sums[0]
-        self.fp += sums[1]
-        self.fn += sums[2]
-        edges = torch.linspace(0, 1, self.n_bins + 1, dtype=torch.float32, device=p.device)
-        index = torch.bucketize(p.clamp(0, 1), edges, right=True) - 1
-        n = self.n_bins + 1
-        count = torch.bincount(index, minlength=n).to(torch.float64).cpu()
-        conf = torch.zeros(n, dtype=torch.float64, device=p.device).index_add_(0, index, p.double()).cpu()
-        pos = torch.bincount(index, weights=t.double(), minlength=n).cpu()
-        if self.bin_count is None:
-            self.bin_count, self.bin_confidence, self.bin_positive = count, conf, pos
-        else:
-            self.bin_count += count
-            self.bin_confidence += conf
-            self.bin_positive += pos
-
-    def f1(self) -> float:
-        """Voxel-wise F1 (Dice) 2TP / (2TP + FP + FN); 1.0 when prediction and mask are both empty."""
-        denominator = 2 * self.tp + self.fp + self.fn
-        return 2 * self.tp / denominator if denominator > 0 else 1.0
-
-    def calibration_errors(self) -> tuple[float, float]:
-        """(ECE, MCE): sum_b frac_b |pos_b - conf_b| and max_b |pos_b - conf_b| over the bins."""
-        if self.bin_count is None or float(self.bin_count.sum()) == 0:
-            return float("nan"), float("nan")
-        count = self.bin_count
-        safe = count.clamp_min(1)
-        gap = torch.where(count > 0, (self.bin_positive / safe - self.bin_confidence / safe).abs(), 0.0)
-        return float((gap * count / count.sum()).sum()), float(gap.max())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,7 +126,7 @@ class ModelEvaluation:
     n_bins: int
     summary: dict = field(default_factory=dict)
     # "count distribution" (this method, a UNet) or "count head" (a parametric baseline: pmf = its softmax)
-    method: str = "count distribution"
+    method: str = COUNT_DISTRIBUTION
     # the attack (lesioncount.train.attack): (N, M+1) pmf under attack, (N,) perturbation norms, settings
     attacked_pmf: torch.Tensor | None = None
     attack_delta_norm: torch.Tensor | None = None
@@ -205,7 +141,7 @@ class ModelEvaluation:
 def evaluate_model(model: torch.nn.Module, dataset: Dataset, *, name: str = "model", checkpoint: str = "",
                    device="cpu", batch_size: int = 2, amp_dtype: torch.dtype | None = None,
                    count_threshold: float = 0.1, baseline_threshold: float = 0.5, seg_threshold: float = 0.5,
-                   connectivity: int = 18, max_count: int = 4, n_bins: int = 10,
+                   connectivity: int = DEFAULT_CONNECTIVITY[3], max_count: int = 4, n_bins: int = 10,
                    sweep_thresholds=SWEEP_THRESHOLDS, num_workers: int = 0, attack=None,
                    mc_samples: int = 0, mc_threshold: float = 0.5, mc_seed: int = 0) -> ModelEvaluation:
     """Run ``model`` over ``dataset`` and collect everything Table 1 / C.1 need (see module doc).
@@ -335,6 +271,7 @@ def summarize(ev: ModelEvaluation, fractions=DISCARD_FRACTIONS) -> dict:
         'cc_count (tau=0.5)'
     """
     from .. import metrics
+    from ..losses import count_nll_terms
 
     M = ev.max_count
     seg_ece, seg_mce = ev.voxels.calibration_errors()
@@ -348,7 +285,7 @@ def summarize(ev: ModelEvaluation, fractions=DISCARD_FRACTIONS) -> dict:
 
     ours = scores(ev.pmf, ev.pmf.argmax(1))
     target_bins = ev.counts.clamp_max(M)
-    nll = -ev.log_pmf.gather(1, target_bins.view(-1, 1)).squeeze(1)
+    nll = count_nll_terms(ev.log_pmf, ev.counts).nll  # the one NLL rule: tail bin M, +inf where P = 0
     ours["count_nll"] = float(nll.mean())  # +inf as soon as one case is infeasible (kept honest)
     # infeasible: more true lesions (tail bin: M) than candidates, so P(C = count) = 0 and the NLL is +inf
     # (a count head's softmax is never 0: no case is infeasible for it)
@@ -381,7 +318,7 @@ def summarize(ev: ModelEvaluation, fractions=DISCARD_FRACTIONS) -> dict:
     pmfs = [(ev.method, ev.pmf)]
     if ev.mc_pmf is not None:
         mc = scores(ev.mc_pmf, ev.mc_pmf.argmax(1))
-        mc_nll = -torch.log(ev.mc_pmf.gather(1, target_bins.view(-1, 1)).squeeze(1))
+        mc_nll = count_nll_terms(torch.log(ev.mc_pmf), ev.counts).nll
         mc_infeasible = ~torch.isfinite(mc_nll)
         mc.update({"count_nll": float(mc_nll.mean()), "count_infeasible": float(mc_infeasible.double().mean()),
                    "count_nll_feasible": float(mc_nll[~mc_infeasible].mean()) if bool((~mc_infeasible).any()) else nan,
@@ -509,24 +446,15 @@ TABLE1_COLUMNS = ("model", "method", "count_accuracy", "count_f1", "count_ece", 
                   "attack_sr", "attack_ad")
 
 
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return "n/a" if math.isnan(value) else f"{value:.4f}"
-    return str(value)
-
-
 def _write_csv(path: pathlib.Path, rows: list, columns) -> None:
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(columns))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if isinstance(row[k], float) and math.isnan(row[k]) else row[k]) for k in columns})
+    """A table of this report through the one writer (:func:`lesioncount._tables.write_csv`); NaN
+    is an empty cell here."""
+    write_csv(path, columns, rows, nan="")
 
 
 def _markdown_table(rows: list, columns) -> list[str]:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(row[c]) for c in columns) + " |" for row in rows]
-    return lines
+    """A markdown table of this report (:func:`lesioncount._tables.markdown_table`); NaN is ``n/a``."""
+    return markdown_table(rows, columns, nan="n/a")
 
 
 def write_report(results: dict, out_dir, plots: bool = True, paper_table: str | None = None,
@@ -668,7 +596,7 @@ def write_report(results: dict, out_dir, plots: bool = True, paper_table: str | 
     if paths["figures"]:
         lines += ["", "## Figures", ""]
         lines += [f"![{p.stem}]({p.name})" for p in paths["figures"]]
-    paths["report"].write_text("\n".join(lines) + "\n")
+    write_markdown(paths["report"], lines)
     return paths
 
 

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .._validation import DEFAULT_CONNECTIVITY
 from ..losses import _reduce as _reduce_count_nll
 from .config import ConfigError, TrainConfig, save_config
 
@@ -96,7 +97,7 @@ def segmentation_loss(logits: torch.Tensor, mask: torch.Tensor, pos_weight: floa
 
 
 def count_loss_term(logits: torch.Tensor, counts: torch.Tensor, *, threshold: float = 0.1,
-                    connectivity: int = 18, max_count: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+                    connectivity: int = DEFAULT_CONNECTIVITY[3], max_count: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """Count NLL ``-log P(C = count)`` of the count distribution of ``logits`` (float32).
 
     The distribution is computed from the logits in log space (``from_logits=True``), outside any
@@ -143,7 +144,7 @@ class StepOutput(NamedTuple):
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, image: torch.Tensor, mask: torch.Tensor,
                counts: torch.Tensor | None = None, *, count_weight: float = 0.0, pos_weight: float = 3.0,
-               count_threshold: float = 0.1, connectivity: int = 18, max_count: int = 4,
+               count_threshold: float = 0.1, connectivity: int = DEFAULT_CONNECTIVITY[3], max_count: int = 4,
                amp_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None) -> StepOutput:
     """One optimisation step: forward (under autocast with ``amp_dtype``), ``seg + count_weight * count``
     in float32, backward, optimizer step. No host synchronisation except the one inside the count
@@ -458,9 +459,12 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 
 
 def _atomic_save(obj, path: pathlib.Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save(obj)`` to ``path`` through :func:`lesioncount.io.atomic_file` (the one atomic
+    writer: hidden temporary file, fsync, ``os.replace``; removed if saving fails)."""
+    from ..io import atomic_file
+
+    with atomic_file(path, "wb") as f:
+        torch.save(obj, f)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -53,6 +53,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
+from .._validation import DEFAULT_CONNECTIVITY, connectivity_text
+
 __all__ = [
     "SEQUENCES",
     "TISSUES",
@@ -110,15 +112,18 @@ def connectivity_structure(connectivity: int) -> np.ndarray:
         >>> int(connectivity_structure(18).sum())
         19
     """
-    rank = {6: 1, 18: 2, 26: 3}.get(int(connectivity)) if not isinstance(connectivity, bool) else None
-    if rank is None:
-        raise ValueError(f"connectivity must be 6, 18 or 26 for 3D volumes, got {connectivity!r}")
+    from .._reference import CONNECTIVITY_TO_RANK
+
+    rank = CONNECTIVITY_TO_RANK.get(connectivity, (None, None)) if not isinstance(connectivity, bool) else (None, None)
+    if rank[0] != 3:
+        raise ValueError(f"connectivity must be one of {connectivity_text(3)} for 3D volumes, got {connectivity!r}")
+    rank = rank[1]
     if connectivity not in _STRUCTURES:
         _STRUCTURES[connectivity] = ndimage.generate_binary_structure(3, rank)
     return _STRUCTURES[connectivity]
 
 
-def count_lesions(mask: np.ndarray, connectivity: int = 18) -> int:
+def count_lesions(mask: np.ndarray, connectivity: int = DEFAULT_CONNECTIVITY[3]) -> int:
     """Number of connected components of a 3D binary ``mask`` (D, H, W) with the given connectivity.
 
     Example:
@@ -543,7 +548,7 @@ class PhantomCase:
     name: str
     _counts: Dict[int, int] = field(default_factory=dict, repr=False)
 
-    def count(self, connectivity: int = 18) -> int:
+    def count(self, connectivity: int = DEFAULT_CONNECTIVITY[3]) -> int:
         """Connected components of :attr:`mask` (cached per connectivity: 6, 18 or 26).
 
         Example:

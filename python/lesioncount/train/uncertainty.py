@@ -23,6 +23,8 @@ import math
 import torch
 from torch import nn
 
+from .._validation import DEFAULT_CONNECTIVITY
+
 __all__ = ["accuracy_after_discarding", "mc_dropout_count_pmf", "paired_comparison"]
 
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
@@ -30,7 +32,7 @@ _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropou
 
 @torch.no_grad()
 def mc_dropout_count_pmf(model: nn.Module, image: torch.Tensor, *, num_samples: int = 50, threshold: float = 0.5,
-                         connectivity: int = 18, max_count: int = 4, seed: int = 0) -> torch.Tensor:
+                         connectivity: int = DEFAULT_CONNECTIVITY[3], max_count: int = 4, seed: int = 0) -> torch.Tensor:
     """MC-dropout connected-components count distribution (float64, rows sum to 1).
 
     The model runs in eval mode with only its dropout layers switched to training behaviour;
