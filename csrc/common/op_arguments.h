@@ -1,4 +1,5 @@
-// Argument checks shared by the CPU kernels and the CUDA launchers, so that both backends reject
+// Argument checks shared by the CPU kernels and the CUDA launchers (region_max and _region_topk,
+// _region_max_backward, poisson_binomial and its backward), so that both backends reject
 // bad input with the same message naming the argument. Device checks stay with each backend.
 // Host-only (includes ATen); never include from a .cu file.
 #pragma once
@@ -16,6 +17,16 @@ inline void check_region_max_arguments(const at::Tensor& input, const at::Tensor
   TORCH_CHECK(at::isFloatingType(input.scalar_type()),
               "region_max: `input` must be a floating tensor, got ", input.scalar_type());
   TORCH_CHECK(num_regions >= 0, "region_max: `num_regions` must be >= 0, got ", num_regions);
+}
+
+inline void check_region_max_backward_arguments(const at::Tensor& grad_values, const at::Tensor& argmax,
+                                               at::IntArrayRef input_shape) {
+  TORCH_CHECK(grad_values.dim() == 2 && argmax.sizes() == grad_values.sizes(),
+              "_region_max_backward: `grad_values` and `argmax` must both be (B, R), got ",
+              grad_values.sizes(), " and ", argmax.sizes());
+  TORCH_CHECK(argmax.scalar_type() == at::kLong, "_region_max_backward: `argmax` must be int64");
+  TORCH_CHECK(!input_shape.empty() && input_shape[0] == grad_values.size(0),
+              "_region_max_backward: `input_shape` must start with the batch size ", grad_values.size(0));
 }
 
 // `op` names the calling op in the message (poisson_binomial or its backward).

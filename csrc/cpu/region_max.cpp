@@ -288,12 +288,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> region_topk_cpu(const at::Tensor&
 at::Tensor region_max_backward_cpu(const at::Tensor& grad_values, const at::Tensor& argmax,
                                    c10::SymIntArrayRef input_shape_sym) {
   const auto input_shape = C10_AS_INTARRAYREF_SLOW(input_shape_sym);
-  TORCH_CHECK(grad_values.dim() == 2 && argmax.sizes() == grad_values.sizes(),
-              "_region_max_backward: `grad_values` and `argmax` must both be (B, R), got ",
-              grad_values.sizes(), " and ", argmax.sizes());
-  TORCH_CHECK(argmax.scalar_type() == at::kLong, "_region_max_backward: `argmax` must be int64");
-  TORCH_CHECK(!input_shape.empty() && input_shape[0] == grad_values.size(0),
-              "_region_max_backward: `input_shape` must start with the batch size ", grad_values.size(0));
+  check_region_max_backward_arguments(grad_values, argmax, input_shape);
   const ZeroedOutput output = empty_or_zeroed_cpu_output(input_shape, grad_values.options(), /*dense=*/false);
   at::Tensor grad_input = output.tensor;
   const int64_t batch = grad_values.size(0), regions = grad_values.size(1);
