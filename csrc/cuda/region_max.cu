@@ -174,6 +174,11 @@ __global__ void __launch_bounds__(kRegionMaxThreads)
   }
 }
 
+// The flat index of a one-pass packed key.
+__device__ __forceinline__ long long packed_index(unsigned long long key) {
+  return static_cast<long long>(0xFFFFFFFFull - (key & 0xFFFFFFFFull));
+}
+
 // Turns keys into (value, argmax); absent regions get (0, -1).
 template <typename T>
 __global__ void region_max_finalize(const T* __restrict__ x, long long batch, long long n, long long R,
@@ -188,8 +193,7 @@ __global__ void region_max_finalize(const T* __restrict__ x, long long batch, lo
       values[t] = T(0.0f);
       continue;
     }
-    const long long idx = two_pass ? static_cast<long long>(first_index[t])
-                                   : static_cast<long long>(0xFFFFFFFFull - (key & 0xFFFFFFFFull));
+    const long long idx = two_pass ? static_cast<long long>(first_index[t]) : packed_index(key);
     const long long b = t / R;
     argmax[t] = idx;
     values[t] = x[b * n + idx];
@@ -378,8 +382,7 @@ __global__ void __launch_bounds__(kRegionTopkThreads)
       }
       before += __popc(ballot & ((1u << lane) - 1u));
       if (selected) {
-        const long long idx = two_pass ? static_cast<long long>(first_index[b * n + r])
-                                       : static_cast<long long>(0xFFFFFFFFull - (key & 0xFFFFFFFFull));
+        const long long idx = two_pass ? static_cast<long long>(first_index[b * n + r]) : packed_index(key);
         vb[before] = x[b * n + idx];
         ab[before] = idx;
         idb[before] = r + 1;
