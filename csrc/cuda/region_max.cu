@@ -381,7 +381,7 @@ __global__ void __launch_bounds__(kRegionTopkThreads)
         chunk += static_cast<long long>(warp_count[w]);
       }
       before += __popc(ballot & ((1u << lane) - 1u));
-      if (selected) {
+      if (selected && before < k) {  // (always: exactly min(k, present) slots are selected)
         const long long idx = two_pass ? static_cast<long long>(first_index[b * n + r]) : packed_index(key);
         vb[before] = x[b * n + idx];
         ab[before] = idx;

@@ -181,10 +181,14 @@ int main() {
 
 // _region_topk and _region_max_backward against host references: the k best regions by (maximum
 // desc, label asc) in label order with their first argmax; gradients summed per voxel in region order.
-int check_topk_and_backward(const std::vector<int32_t>& lab, const std::vector<float>& x, long long B, long long N,
+int check_topk_and_backward(const std::vector<int32_t>& lab, const std::vector<float>& x_tied, long long B, long long N,
                             long long R) {
   using namespace lesioncount::cuda;
-  for (int pass = 0; pass < 2; ++pass) {  // float (packed keys) and double (two passes, 128-bit selection)
+  // the maxima of x_tied are nearly all equal; a per-label scale makes them differ (with ties left)
+  std::vector<float> x_scaled(x_tied);
+  for (long long i = 0; i < B * N; ++i) x_scaled[i] *= 1.0f + static_cast<float>(lab[i] * 7 % 11) / 16;
+  for (int pass = 0; pass < 4; ++pass) {  // float (packed keys) and double (two passes, 128-bit selection)
+    const std::vector<float>& x = pass < 2 ? x_tied : x_scaled;
     std::vector<double> xd(x.begin(), x.end());
     for (long long k : {0LL, 1LL, 5LL, R - 1, R, R + 4}) {
       std::vector<long long> ref_idx, ref_arg, ref_id;
@@ -219,18 +223,19 @@ int check_topk_and_backward(const std::vector<int32_t>& lab, const std::vector<f
       std::vector<unsigned long long> keys(B * N), first(B * N), max_label(B);
       unsigned char ok = 1;
       RegionTopkArgs a{};
-      a.input = pass == 0 ? static_cast<const void*>(x.data()) : static_cast<const void*>(xd.data());
+      const bool packed = pass % 2 == 0;
+      a.input = packed ? static_cast<const void*>(x.data()) : static_cast<const void*>(xd.data());
       a.labels = lab.data();
-      a.value_kind = pass == 0 ? ValueKind::kFloat : ValueKind::kDouble;
+      a.value_kind = packed ? ValueKind::kFloat : ValueKind::kDouble;
       a.label_kind = LabelKind::kInt32;
       a.batch = B;
       a.item_voxels = N;
       a.k = k;
-      a.values = pass == 0 ? static_cast<void*>(vf.data()) : static_cast<void*>(vd.data());
+      a.values = packed ? static_cast<void*>(vf.data()) : static_cast<void*>(vd.data());
       a.argmax = argmax.data();
       a.ids = ids.data();
       a.keys = keys.data();
-      a.first_index = pass == 0 ? nullptr : first.data();
+      a.first_index = packed ? nullptr : first.data();
       a.max_label = max_label.data();
       a.ok = &ok;
       CHECK(launch_region_topk(a, nullptr) == cudaSuccess, "topk launch");
@@ -238,7 +243,7 @@ int check_topk_and_backward(const std::vector<int32_t>& lab, const std::vector<f
       for (long long c = 0; c < B * k; ++c) {
         CHECK(ids[c] == ref_id[c] && argmax[c] == ref_arg[c], "topk pass %d k %lld column %lld: id %lld argmax %lld, "
               "expected %lld and %lld", pass, k, c, ids[c], argmax[c], ref_id[c], ref_arg[c]);
-        const double v = pass == 0 ? vf[c] : vd[c];
+        const double v = packed ? vf[c] : vd[c];
         CHECK(v == ref_val[c], "topk pass %d k %lld column %lld: value %g, expected %g", pass, k, c, v, ref_val[c]);
       }
     }
