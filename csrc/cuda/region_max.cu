@@ -395,6 +395,7 @@ __global__ void __launch_bounds__(kRegionTopkThreads)
       ab[c] = -1;
       idb[c] = 0;
     }
+    __syncthreads();  // every thread has read s_present before the next item resets it
   }
 }
 

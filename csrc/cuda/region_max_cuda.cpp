@@ -20,13 +20,13 @@
 namespace lesioncount {
 namespace {
 
-cuda::ValueKind value_kind(at::ScalarType t) {
+cuda::ValueKind value_kind(at::ScalarType t, const char* what = "region_max: `input`") {
   switch (t) {
     case at::kHalf: return cuda::ValueKind::kHalf;
     case at::kBFloat16: return cuda::ValueKind::kBFloat16;
     case at::kFloat: return cuda::ValueKind::kFloat;
     case at::kDouble: return cuda::ValueKind::kDouble;
-    default: TORCH_CHECK(false, "region_max: `input` must be float16, bfloat16, float32 or float64, got ", t);
+    default: TORCH_CHECK(false, what, " must be float16, bfloat16, float32 or float64, got ", t);
   }
 }
 
@@ -98,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> region_topk_cuda(const at::Tensor
     ids.zero_();
     return {values, argmax, ids};
   }
-  const cuda::ValueKind kind = value_kind(x.scalar_type());
+  const cuda::ValueKind kind = value_kind(x.scalar_type(), "_region_topk: `input`");
   const at::TensorOptions u64 = x.options().dtype(at::kLong);
   at::Tensor keys = at::empty({batch, item_voxels}, u64);
   at::Tensor first_index;
@@ -142,7 +142,7 @@ at::Tensor region_max_backward_cuda(const at::Tensor& grad_values, const at::Ten
   const int64_t batch = grad_values.size(0), regions = grad_values.size(1);
   const int64_t item_voxels = batch == 0 ? 0 : grad_input.numel() / batch;
   if (batch == 0) return grad_input;
-  const cuda::ValueKind kind = value_kind(grad_values.scalar_type());
+  const cuda::ValueKind kind = value_kind(grad_values.scalar_type(), "_region_max_backward: `grad_values`");
   const at::Tensor g = grad_values.contiguous();
   const at::Tensor a = argmax.contiguous();
   const int64_t slots = regions > 0 ? cuda::region_grad_table_slots(batch, regions) : 0;
