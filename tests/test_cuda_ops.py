@@ -585,7 +585,7 @@ def test_count_distribution_static_max_lesions_and_backward(kernel_device, from_
 def test_static_max_lesions_ties_keep_the_smaller_labels(kernel_device):
     """Defect fixed (counting.py, CUDA path of count_distribution(max_lesions=k)): torch.topk chose
     among equal maxima arbitrarily, so the kept candidates (and the voxels receiving the gradient)
-    differed from the CPU's _region_topk, which keeps the smaller labels. Now a stable sort."""
+    differed from the CPU's _region_topk, which keeps the smaller labels. Now the CUDA _region_topk."""
     import lesioncount
 
     x = torch.zeros(2, 5, 30, 30)
