@@ -22,7 +22,8 @@ LC_TORCH_LIBRARY_EXPANDED(LC_OPS_NAMESPACE, m) {
   m.def("region_max(Tensor input, Tensor labels, int num_regions) -> (Tensor values, Tensor argmax)");
   // The k regions with the largest maxima per item (ties: smaller label), in label order, with their
   // argmax and label id; padded with value 0, argmax -1, id 0. Static output shape for any number of
-  // regions: the CPU path of count_distribution(max_lesions=k).
+  // regions: the path of count_distribution(max_lesions=k). Labels < 0 (and, on CUDA, labels above the
+  // item's voxel count) and NaN inside a region are errors.
   m.def("_region_topk(Tensor input, Tensor labels, int k) -> (Tensor values, Tensor argmax, Tensor ids)");
   // Backward of region_max: a dense zero gradient of `input_shape` with one value per region placed at
   // its argmax voxel (absent regions, argmax -1, contribute nothing).

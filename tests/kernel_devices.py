@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-_EMULATED_OPS = ("label", "region_max", "poisson_binomial", "_poisson_binomial_backward")
+_EMULATED_OPS = ("label", "region_max", "_region_topk", "_region_max_backward", "poisson_binomial",
+                 "_poisson_binomial_backward")
 
 
 def _load_emulation() -> tuple[bool, str]:
@@ -93,30 +94,20 @@ class KernelDevice:
     @contextlib.contextmanager
     def active(self):
         """Within the block, torch.ops.lesioncount (and so the public API) runs the CUDA kernels on
-        this device: for the emulation, lesioncount's CPU kernels of label, region_max,
-        poisson_binomial and _poisson_binomial_backward are replaced by the emulated CUDA ones, and
-        the CPU-only kernels are hidden from the Python layer, which then takes its CUDA paths."""
+        this device: for the emulation, lesioncount's CPU kernels of every op are replaced by the
+        emulated CUDA ones."""
         if not self.emulated:
             yield
             return
-        from lesioncount import _ops
-
         lib = torch.library.Library("lesioncount", "IMPL")
-        # ops with a CPU kernel but no CUDA one: hide them, so the Python code takes the CUDA paths
-        # too (region_max over a static bound for max_lesions, the scatter backward of region_max)
-        hidden = {key: _ops._KERNELS.get(key) for key in (("_region_topk", "cpu"), ("_region_max_backward", "cpu"))}
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "Overriding a previously registered kernel"
                 for op in _EMULATED_OPS:
                     emulated = getattr(torch.ops.lesioncount_cuda_cpu, op).default
                     lib.impl(op, lambda *args, _op=emulated: _op(*args), "CPU")
-            for key in hidden:
-                _ops._KERNELS[key] = False
             yield
         finally:
-            for key, value in hidden.items():
-                _ops._KERNELS[key] = value
             lib._destroy()
 
     @staticmethod

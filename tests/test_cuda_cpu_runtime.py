@@ -121,6 +121,26 @@ MUTATIONS = [
         [("if (lane + d <= end && other > key) key = other;", "if (other > key) key = other;")],
     ),
     (
+        "region_max",
+        "_region_topk: ties between regions to the larger label",
+        [("return {(key & 0xFFFFFFFF00000000ull) | (0xFFFFFFFFull - static_cast<unsigned long long>(slot)), 0ull};",
+          "return {(key & 0xFFFFFFFF00000000ull) | static_cast<unsigned long long>(slot), 0ull};"),
+         ("if (two_pass) return {key, ~static_cast<unsigned long long>(slot)};",
+          "if (two_pass) return {key, static_cast<unsigned long long>(slot)};")],
+    ),
+    (
+        "region_max",
+        "_region_topk: missing __syncthreads after the block-wide histogram",
+        [("          if (compare_prefix(sk, prefix, digits) == 0) atomicAdd(&hist[digit_of(sk, d)], 1ull);\n        }\n"
+          "        __syncthreads();\n",
+          "          if (compare_prefix(sk, prefix, digits) == 0) atomicAdd(&hist[digit_of(sk, d)], 1ull);\n        }\n")],
+    ),
+    (
+        "region_max",
+        "_region_max_backward: a shared voxel keeps one gradient instead of the sum",
+        [("        acc = add_like_cpu(acc, grad[u]);", "        acc = grad[u];")],
+    ),
+    (
         "poisson_binomial",
         "missing __syncthreads between DP steps of the block kernel",
         [(

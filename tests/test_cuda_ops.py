@@ -552,8 +552,8 @@ def test_poisson_binomial_split_and_block_kernels(kernel_device, K, M):
 @requires_ops
 @pytest.mark.parametrize("from_logits", [False, True])
 def test_count_distribution_static_max_lesions_and_backward(kernel_device, from_logits):
-    """The training path of a GPU user: static max_lesions (no host sync; region_max over the
-    data-free component bound, then top-k), the count loss and its sparse gradient."""
+    """The training path of a GPU user: static max_lesions (no host sync; the CUDA _region_topk),
+    the count loss and its sparse gradient (the CUDA _region_max_backward)."""
     import lesioncount
 
     kd = kernel_device
@@ -585,7 +585,7 @@ def test_count_distribution_static_max_lesions_and_backward(kernel_device, from_
 def test_static_max_lesions_ties_keep_the_smaller_labels(kernel_device):
     """Defect fixed (counting.py, CUDA path of count_distribution(max_lesions=k)): torch.topk chose
     among equal maxima arbitrarily, so the kept candidates (and the voxels receiving the gradient)
-    differed from the CPU's _region_topk, which keeps the smaller labels. Now a stable sort."""
+    differed from the CPU's _region_topk, which keeps the smaller labels. Now the CUDA _region_topk."""
     import lesioncount
 
     x = torch.zeros(2, 5, 30, 30)

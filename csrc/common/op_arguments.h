@@ -1,10 +1,12 @@
-// Argument checks shared by the CPU kernels and the CUDA launchers, so that both backends reject
+// Argument checks shared by the CPU kernels and the CUDA launchers (region_max and _region_topk,
+// _region_max_backward, poisson_binomial and its backward), so that both backends reject
 // bad input with the same message naming the argument. Device checks stay with each backend.
 // Host-only (stable ABI tensors); never include from a .cu file.
 #pragma once
 
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "common/connectivity.h"
 #include "common/stable_api.h"
@@ -40,6 +42,18 @@ inline void check_region_arguments(const Tensor& input, const Tensor& labels, co
 inline void check_region_max_arguments(const Tensor& input, const Tensor& labels, int64_t num_regions) {
   check_region_arguments(input, labels, "region_max");
   LC_CHECK(num_regions >= 0, "region_max: `num_regions` must be >= 0, got ", num_regions);
+}
+
+inline void check_region_max_backward_arguments(const Tensor& grad_values, const Tensor& argmax,
+                                                const std::vector<int64_t>& input_shape) {
+  LC_CHECK(grad_values.dim() == 2 && shape_of(argmax) == shape_of(grad_values),
+           "_region_max_backward: `grad_values` and `argmax` must both be (B, R), got ", shape_of(grad_values), " and ",
+           shape_of(argmax));
+  LC_CHECK(argmax.scalar_type() == ScalarType::Long, "_region_max_backward: `argmax` must be int64");
+  LC_CHECK(is_floating(grad_values.scalar_type()),
+           "_region_max_backward: `grad_values` must be a floating tensor, got ", grad_values.scalar_type());
+  LC_CHECK(!input_shape.empty() && input_shape[0] == grad_values.size(0),
+           "_region_max_backward: `input_shape` must start with the batch size ", grad_values.size(0));
 }
 
 // `op` names the calling op in the message (poisson_binomial or its backward).

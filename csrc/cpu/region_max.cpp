@@ -291,16 +291,9 @@ std::tuple<Tensor, Tensor, Tensor> region_topk_cpu(const Tensor& input, const Te
 // Sparse backward: a zero dense gradient (large ones come zero-filled from the kernel, see
 // cpu/output_alloc.h; small ones are memset) plus one scattered value per present region.
 Tensor region_max_backward_cpu(const Tensor& grad_values, const Tensor& argmax, std::vector<int64_t> input_shape) {
-  LC_CHECK(grad_values.dim() == 2 && shape_of(argmax) == shape_of(grad_values),
-           "_region_max_backward: `grad_values` and `argmax` must both be (B, R), got ", shape_of(grad_values),
-           " and ", shape_of(argmax));
-  LC_CHECK(argmax.scalar_type() == ScalarType::Long, "_region_max_backward: `argmax` must be int64");
-  LC_CHECK(is_floating(grad_values.scalar_type()), "_region_max_backward: `grad_values` must be a floating tensor, got ",
-           grad_values.scalar_type());
+  check_region_max_backward_arguments(grad_values, argmax, input_shape);
   LC_CHECK(grad_values.is_cpu() && argmax.is_cpu(), "_region_max_backward: `grad_values` and `argmax` must both be CPU "
            "tensors here, got ", device_name(grad_values), " and ", device_name(argmax));
-  LC_CHECK(!input_shape.empty() && input_shape[0] == grad_values.size(0),
-              "_region_max_backward: `input_shape` must start with the batch size ", grad_values.size(0));
   const ZeroedOutput output = empty_or_zeroed_cpu_output(input_shape, grad_values.scalar_type(), /*dense=*/false);
   Tensor grad_input = output.tensor;
   const int64_t batch = grad_values.size(0), regions = grad_values.size(1);

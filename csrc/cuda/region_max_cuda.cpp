@@ -1,5 +1,7 @@
-// CUDA dispatch of region_max: validation (as region_max_cpu), allocation, and the launch of the
-// pure-CUDA kernels of region_max.cu on the current stream. No host synchronisation: a label
+// CUDA dispatch of region_max, _region_topk and _region_max_backward: validation (as the CPU
+// kernels, through common/op_arguments.h), allocation of outputs and workspaces (sizes from shapes
+// only), and the launch of the pure-CUDA kernels of region_max.cu on the current stream. No host
+// synchronisation: a label
 // outside [0, num_regions] or a NaN inside a region cannot raise synchronously on the GPU; the
 // kernels skip such voxels (no memory is touched for them) and clear a device flag, which
 // assert_async (aten::_assert_async) turns into a device-side assertion (a CUDA error at the next synchronising
@@ -8,17 +10,18 @@
 #include "common/op_arguments.h"
 #include "cuda/device_tensor.h"
 #include "cuda/region_max_launch.h"
+#include "cuda/region_ops_launch.h"
 
 namespace lesioncount {
 namespace {
 
-cuda::ValueKind value_kind(ScalarType t) {
+cuda::ValueKind value_kind(ScalarType t, const char* what = "region_max: `input`") {
   switch (t) {
     case ScalarType::Half: return cuda::ValueKind::kHalf;
     case ScalarType::BFloat16: return cuda::ValueKind::kBFloat16;
     case ScalarType::Float: return cuda::ValueKind::kFloat;
     case ScalarType::Double: return cuda::ValueKind::kDouble;
-    default: LC_CHECK(false, "region_max: `input` must be float16, bfloat16, float32 or float64, got ", t);
+    default: LC_CHECK(false, what, " must be float16, bfloat16, float32 or float64, got ", t);
   }
   return cuda::ValueKind::kFloat;
 }
@@ -61,8 +64,96 @@ std::tuple<Tensor, Tensor> region_max_cuda(const Tensor& input, const Tensor& la
   return {values, argmax};
 }
 
+// Workspace: one 64-bit key per possible label 1..N of each item (plus the first-index array in
+// two-pass mode) and each item's largest label: O(voxels), independent of the data. Labels above N
+// (which no item of N voxels needs) are rejected like negative ones, through the device flag.
+std::tuple<Tensor, Tensor, Tensor> region_topk_cuda(const Tensor& input, const Tensor& labels, int64_t k) {
+  check_region_arguments(input, labels, "_region_topk");
+  LC_CHECK(k >= 0, "_region_topk: `k` must be >= 0, got ", k);
+  LC_CHECK(on_kernel_device(input) && on_kernel_device(labels) && same_device(input, labels),
+           "_region_topk: `input` and `labels` must be on the same CUDA device, got `input` on ", device_name(input),
+           " and `labels` on ", device_name(labels));
+  const KernelDeviceGuard guard(input);
+
+  const int64_t batch = input.size(0);
+  const int64_t item_voxels = batch == 0 ? 0 : input.numel() / batch;
+  const Tensor x = dense(input);
+  const Tensor lab = dense(labels);
+  if (batch == 0 || item_voxels == 0)
+    return {new_zeros(x, {batch, k}, x.scalar_type()), new_full(x, {batch, k}, ScalarType::Long, -1),
+            new_zeros(x, {batch, k}, ScalarType::Long)};
+  Tensor values = new_empty(x, {batch, k}, x.scalar_type());
+  Tensor argmax = new_empty(x, {batch, k}, ScalarType::Long);
+  Tensor ids = new_empty(x, {batch, k}, ScalarType::Long);
+  const cuda::ValueKind kind = value_kind(x.scalar_type(), "_region_topk: `input`");
+  Tensor keys = new_empty(x, {batch, item_voxels}, ScalarType::Long);
+  std::optional<Tensor> first_index;
+  if (cuda::region_max_two_pass(kind, item_voxels)) first_index = new_empty(x, {batch, item_voxels}, ScalarType::Long);
+  Tensor max_label = new_empty(x, {batch}, ScalarType::Long);
+  const cudaStream_t stream = current_stream(x);
+  Tensor ok = device_ok_flag(x, stream, "_region_topk");
+
+  cuda::RegionTopkArgs args{};
+  args.input = x.const_data_ptr();
+  args.labels = lab.const_data_ptr();
+  args.value_kind = kind;
+  args.label_kind = lab.scalar_type() == ScalarType::Int ? cuda::LabelKind::kInt32 : cuda::LabelKind::kInt64;
+  args.batch = batch;
+  args.item_voxels = item_voxels;
+  args.k = k;
+  args.values = values.mutable_data_ptr();
+  args.argmax = reinterpret_cast<long long*>(argmax.mutable_data_ptr<int64_t>());
+  args.ids = reinterpret_cast<long long*>(ids.mutable_data_ptr<int64_t>());
+  args.keys = reinterpret_cast<unsigned long long*>(keys.mutable_data_ptr<int64_t>());
+  args.first_index = first_index ? reinterpret_cast<unsigned long long*>(first_index->mutable_data_ptr<int64_t>()) : nullptr;
+  args.max_label = reinterpret_cast<unsigned long long*>(max_label.mutable_data_ptr<int64_t>());
+  args.ok = static_cast<unsigned char*>(ok.mutable_data_ptr());
+  check_cuda(cuda::launch_region_topk(args, stream), "_region_topk");
+  assert_async(ok, "_region_topk: `labels` must lie in [0, voxels per item] and `input` must not be NaN inside a region");
+  return {values, argmax, ids};
+}
+
+Tensor region_max_backward_cuda(const Tensor& grad_values, const Tensor& argmax, std::vector<int64_t> input_shape) {
+  check_region_max_backward_arguments(grad_values, argmax, input_shape);
+  LC_CHECK(on_kernel_device(grad_values) && on_kernel_device(argmax) && same_device(grad_values, argmax),
+           "_region_max_backward: `grad_values` and `argmax` must be on the same CUDA device, got ",
+           device_name(grad_values), " and ", device_name(argmax));
+  const KernelDeviceGuard guard(grad_values);
+
+  Tensor grad_input = new_empty(grad_values, input_shape, grad_values.scalar_type());
+  const int64_t batch = grad_values.size(0), regions = grad_values.size(1);
+  const int64_t item_voxels = batch == 0 ? 0 : grad_input.numel() / batch;
+  if (batch == 0) return grad_input;
+  const cuda::ValueKind kind = value_kind(grad_values.scalar_type(), "_region_max_backward: `grad_values`");
+  const Tensor g = dense(grad_values);
+  const Tensor a = dense(argmax);
+  const int64_t slots = regions > 0 ? cuda::region_grad_table_slots(batch, regions) : 0;
+  Tensor table = new_empty(a, {3 * slots}, ScalarType::Long);
+  const cudaStream_t stream = current_stream(g);
+  Tensor ok = device_ok_flag(g, stream, "_region_max_backward");
+
+  cuda::RegionMaxBackwardArgs args{};
+  args.grad_values = g.const_data_ptr();
+  args.argmax = reinterpret_cast<const long long*>(a.const_data_ptr<int64_t>());
+  args.value_kind = kind;
+  args.batch = batch;
+  args.regions = regions;
+  args.item_voxels = item_voxels;
+  args.grad_input = grad_input.mutable_data_ptr();
+  args.table = reinterpret_cast<unsigned long long*>(table.mutable_data_ptr<int64_t>());
+  args.table_slots = slots;
+  args.ok = static_cast<unsigned char*>(ok.mutable_data_ptr());
+  check_cuda(cuda::launch_region_max_backward(args, stream), "_region_max_backward");
+  assert_async(ok, "_region_max_backward: `argmax` must lie in [-1, voxels per item)");
+  return grad_input;
+}
+
 }  // namespace
 
-LC_CUDA_LIBRARY_IMPL(m) { m.impl("region_max", TORCH_BOX(&region_max_cuda)); }
+LC_CUDA_LIBRARY_IMPL(m) {
+  m.impl("region_max", TORCH_BOX(&region_max_cuda));
+  m.impl("_region_topk", TORCH_BOX(&region_topk_cuda));
+  m.impl("_region_max_backward", TORCH_BOX(&region_max_backward_cuda));
+}
 
 }  // namespace lesioncount

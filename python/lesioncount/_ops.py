@@ -139,18 +139,28 @@ _OP_NAMES = (
     "_poisson_binomial_backward",
 )
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
-# Looked up once at import so that torch.compile traces a plain dict lookup.
+# Per device type: whether the compiled library has its kernels there. Every op has a CPU and a
+# CUDA kernel (the CUDA ones only in a CUDA build), so this is "library loaded, and built for this
+# device"; looked up once at import so that torch.compile traces a plain dict lookup.
 _KERNELS = {
-    (op, device_type): HAS_OPS
-    and torch._C._dispatch_has_kernel_for_dispatch_key(f"lesioncount::{op}", key)
-    for op in _OP_NAMES
+    device_type: HAS_OPS
+    and all(torch._C._dispatch_has_kernel_for_dispatch_key(f"lesioncount::{op}", key) for op in _OP_NAMES)
     for device_type, key in _DISPATCH_KEYS.items()
 }
 
 
+def compiled(device: torch.device) -> bool:
+    """Whether the compiled kernels run on ``device`` (else the pure torch/SciPy fallback does)."""
+    return _KERNELS.get(device.type, False)
+
+
 def has_kernel(op_name: str, device: torch.device) -> bool:
-    """Whether the compiled library has a kernel of ``lesioncount::op_name`` for ``device``."""
-    return _KERNELS.get((op_name, device.type), False)
+    """Whether the compiled library has a kernel of ``lesioncount::op_name`` for ``device``.
+
+    Every op has a kernel on each device the library was built for, so this is :func:`compiled`
+    (``has_kernel("label", torch.device("cuda"))``: were the CUDA kernels compiled).
+    """
+    return op_name in _OP_NAMES and compiled(device)
 
 
 def max_components(spatial_shape, connectivity: int) -> int:
@@ -221,10 +231,8 @@ if HAS_OPS:
         ctx.mark_non_differentiable(argmax)
 
     def _sparse_region_grad(grad_values, argmax, input_shape):
-        # One gradient per region at its argmax voxel: the C++ op where the device has it.
-        if has_kernel("_region_max_backward", grad_values.device):
-            return _lib._region_max_backward(grad_values, argmax, input_shape)
-        return scatter_region_grad(grad_values, argmax, input_shape)
+        # One gradient per region at its argmax voxel.
+        return _lib._region_max_backward(grad_values, argmax, input_shape)
 
     def _region_max_backward(ctx, grad_values, _grad_argmax):
         (argmax,) = ctx.saved_tensors
@@ -266,22 +274,6 @@ if HAS_OPS:
     torch.library.register_autograd(
         "lesioncount::poisson_binomial", _pb_backward, setup_context=_pb_setup
     )
-
-
-def scatter_region_grad(grad_values: torch.Tensor, argmax: torch.Tensor, input_shape) -> torch.Tensor:
-    """Sparse backward of region_max: one gradient per region, placed at its argmax voxel.
-
-    ``grad_values`` and ``argmax`` are (B, R); absent regions (argmax -1) contribute nothing.
-    Returns a tensor of ``input_shape`` (B, ...).
-    """
-    batch = argmax.shape[0]
-    item = 1
-    for s in input_shape[1:]:
-        item = item * s
-    grad_flat = grad_values.new_zeros((batch, item))
-    present = argmax >= 0
-    grad_flat.scatter_add_(1, argmax.clamp_min(0), torch.where(present, grad_values, 0))
-    return grad_flat.reshape(input_shape)
 
 
 if HAS_OPS:

@@ -33,6 +33,7 @@ __all__ = [
     "label",
     "region_max",
     "region_max_backward",
+    "region_topk",
     "poisson_binomial",
     "poisson_binomial_jvp",
     "poisson_binomial_bruteforce",
@@ -210,6 +211,34 @@ def region_max_backward(grad_values: Tensor, argmax: Tensor, input_shape) -> Ten
     src = torch.where(present, grad_values, torch.zeros_like(grad_values))
     grad.scatter_add_(1, idx, src)
     return grad.reshape(input_shape)
+
+
+def region_topk(input: Tensor, labels: Tensor, k: int, num_regions: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """The ``k`` regions with the largest maxima per item, as the ``_region_topk`` op: ties to the
+    smaller label, in label order, padded with value 0, argmax -1 and id 0.
+
+    ``num_regions`` bounds the labels (a data-free bound keeps the shapes static): region_max over
+    all of them, then a stable descending sort (torch.topk would pick among equal maxima
+    arbitrarily). ``values`` is differentiable in ``input`` (a gather at ``argmax``).
+    """
+    k = int(k)
+    values_all, argmax_all = region_max(input, labels, num_regions)
+    present_all = argmax_all >= 0
+    fill = torch.full((), -math.inf, dtype=values_all.dtype, device=values_all.device)
+    key = torch.where(present_all, values_all.detach(), fill)
+    kept = min(k, int(num_regions))
+    _, order = torch.sort(key, dim=1, descending=True, stable=True)
+    top, _ = torch.sort(order[:, :kept], dim=1)  # label order among the kept regions
+    values = torch.gather(values_all, 1, top)
+    argmax = torch.gather(argmax_all, 1, top)
+    ids = torch.where(argmax >= 0, top + 1, 0)
+    values = torch.where(argmax >= 0, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    if kept < k:  # fewer possible regions than columns asked for: pad
+        pad = k - kept
+        values = torch.nn.functional.pad(values, (0, pad))
+        argmax = torch.nn.functional.pad(argmax, (0, pad), value=-1)
+        ids = torch.nn.functional.pad(ids, (0, pad))
+    return values, argmax, ids
 
 
 # --------------------------------------------------------------------------------------------

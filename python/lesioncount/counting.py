@@ -18,7 +18,7 @@ from ._validation import (
     check_values,
     require_static_under_vmap,
 )
-from .ops import label, poisson_binomial, region_max
+from .ops import _region_topk, label, poisson_binomial, region_max
 
 __all__ = ["CountResult", "count_distribution", "cc_count"]
 
@@ -75,7 +75,7 @@ def _prepare(input, threshold, connectivity, from_logits, mask):
     # The label kernels check the values in their own first pass (label(check_probabilities=True)):
     # the CPU one NaN and [0, 1], the CUDA one [0, 1] and NaN for probabilities (a device-side
     # assertion, no extra pass). CUDA logits keep this pass: the CUDA labeler only marks NaN (num = -1).
-    if not (_ops.has_kernel("label", x.device) and (x.device.type == "cpu" or not from_logits)):
+    if not (_ops.compiled(x.device) and (x.device.type == "cpu" or not from_logits)):
         check_values(x, probabilities=not from_logits)
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
@@ -138,7 +138,7 @@ def count_distribution(
     check_bool(from_logits, "from_logits")
     x, label_threshold = _prepare(input, threshold, connectivity, from_logits, mask)
     batch = x.shape[0]
-    if _ops.has_kernel("label", x.device):
+    if _ops.compiled(x.device):
         try:
             labels, num = torch.ops.lesioncount.label(x.detach(), label_threshold, connectivity, min_size,
                                                       not from_logits)
@@ -159,31 +159,9 @@ def count_distribution(
         values, argmax = region_max(x, labels, num_regions)
         ids = torch.arange(1, num_regions + 1, device=x.device, dtype=torch.int64).expand(batch, -1)
         truncated = torch.zeros(batch, dtype=torch.bool, device=x.device)
-    elif _ops.has_kernel("_region_topk", x.device):
-        # One pass, static (B, max_lesions) output, per-item work proportional to the regions found.
-        values, argmax, ids = _ops.region_topk_op(x, labels, max_lesions)
-        truncated = num > max_lesions
     else:
-        # Device without _region_topk: region_max over a data-free bound on the number of
-        # components (O(voxels) memory), then top-k.
-        bound = _ops.max_components(x.shape[1:], connectivity)
-        values_all, argmax_all = region_max(x, labels, bound)
-        present_all = argmax_all >= 0
-        key = torch.where(present_all, values_all.detach(), torch.full((), -math.inf, dtype=x.dtype, device=x.device))
-        k = min(max_lesions, bound)
-        # The k largest maxima with ties to the smaller label, as _region_topk on the CPU: a stable
-        # descending sort (torch.topk picks among equal values arbitrarily, so the kept candidates,
-        # their argmax voxels and the gradient's voxels would differ from the CPU's).
-        _, order = torch.sort(key, dim=1, descending=True, stable=True)
-        top, _ = torch.sort(order[:, :k], dim=1)  # keep label order among the kept candidates
-        values = torch.gather(values_all, 1, top)
-        argmax = torch.gather(argmax_all, 1, top)
-        ids = top + 1
-        if k < max_lesions:  # fewer possible components than columns asked for: pad
-            pad = max_lesions - k
-            values = torch.nn.functional.pad(values, (0, pad))
-            argmax = torch.nn.functional.pad(argmax, (0, pad), value=-1)
-            ids = torch.nn.functional.pad(ids, (0, pad))
+        # One pass, static (B, max_lesions) output, per-item work proportional to the regions found.
+        values, argmax, ids = _region_topk(x, labels, max_lesions, connectivity)
         truncated = num > max_lesions
 
     present = argmax >= 0

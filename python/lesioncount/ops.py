@@ -29,8 +29,8 @@ from ._validation import (
 __all__ = ["label", "region_max", "poisson_binomial"]
 
 
-def _use_compiled(op: str, *tensors: torch.Tensor) -> bool:
-    if _ops.has_kernel(op, tensors[0].device):
+def _use_compiled(tensor: torch.Tensor) -> bool:
+    if _ops.compiled(tensor.device):
         return True
     _ops.warn_fallback()
     return False
@@ -64,7 +64,7 @@ def label(input: torch.Tensor, threshold: float = 0.1, connectivity: int = 18, m
     check_connectivity(connectivity, rank)
     threshold = check_threshold(threshold, probability=False)
     check_nonneg_int(min_size, "min_size")
-    if _use_compiled("label", x):
+    if _use_compiled(x):
         labels, num = torch.ops.lesioncount.label(x, threshold, connectivity, min_size)
         if x.is_floating_point() and not tracing():
             # The CUDA labeler cannot raise without a host sync: it marks an item containing NaN
@@ -122,9 +122,18 @@ def region_max(input: torch.Tensor, labels: torch.Tensor, num_regions: int | Non
         require_static_under_vmap("num_regions", "the number of regions")
         num_regions = int(lab.max()) if lab.numel() else 0
     check_nonneg_int(num_regions, "num_regions", maximum=MAX_SIZE_ARGUMENT)
-    if _use_compiled("region_max", x):
+    if _use_compiled(x):
         return _ops.region_max_op(x, lab, num_regions)
     return _reference.region_max(x, lab, num_regions)
+
+
+def _region_topk(x: torch.Tensor, labels: torch.Tensor, k: int, connectivity: int):
+    """``(values, argmax, ids)`` of the ``k`` regions with the largest maxima per item (ties: the
+    smaller label), in label order, padded with value 0, argmax -1, id 0: static shape, no host
+    sync. Arguments are checked by the caller (count_distribution)."""
+    if _use_compiled(x):
+        return _ops.region_topk_op(x, labels, k)
+    return _reference.region_topk(x, labels, k, _ops.max_components(x.shape[1:], connectivity))
 
 
 def poisson_binomial(probs: torch.Tensor, max_count: int | None = None, log: bool = False,
@@ -164,7 +173,7 @@ def poisson_binomial(probs: torch.Tensor, max_count: int | None = None, log: boo
         # many candidates and bins (the full pmf of a noisy map): the O(K log^2 K) product tree
         # instead of the O(K*M) DP, to float64 accuracy (lesioncount._pmf_large)
         return _pmf_large.full_pmf_large(probs, max_count, log, from_logits)
-    compiled = _use_compiled("poisson_binomial", probs)
+    compiled = _use_compiled(probs)
     # The compiled kernels reject NaN and out-of-range values themselves while reading them (on CUDA
     # through a device-side assertion, without a host sync).
     if not tracing() and probs.numel() and not compiled:

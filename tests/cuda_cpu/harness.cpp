@@ -174,7 +174,110 @@ int main() {
 }
 
 #elif defined(LC_HARNESS_REGION_MAX)
+#include <algorithm>
+
 #include "cuda/region_max_launch.h"
+#include "cuda/region_ops_launch.h"
+
+// _region_topk and _region_max_backward against host references: the k best regions by (maximum
+// desc, label asc) in label order with their first argmax; gradients summed per voxel in region order.
+int check_topk_and_backward(const std::vector<int32_t>& lab, const std::vector<float>& x_tied, long long B, long long N,
+                            long long R) {
+  using namespace lesioncount::cuda;
+  // the maxima of x_tied are nearly all equal; a per-label scale makes them differ (with ties left)
+  std::vector<float> x_scaled(x_tied);
+  for (long long i = 0; i < B * N; ++i) x_scaled[i] *= 1.0f + static_cast<float>(lab[i] * 7 % 11) / 16;
+  for (int pass = 0; pass < 4; ++pass) {  // float (packed keys) and double (two passes, 128-bit selection)
+    const std::vector<float>& x = pass < 2 ? x_tied : x_scaled;
+    std::vector<double> xd(x.begin(), x.end());
+    for (long long k : {0LL, 1LL, 5LL, R - 1, R, R + 4}) {
+      std::vector<long long> ref_idx, ref_arg, ref_id;
+      std::vector<double> ref_val;
+      for (long long b = 0; b < B; ++b) {
+        std::vector<long long> arg(R, -1);
+        std::vector<double> val(R, 0);
+        for (long long i = 0; i < N; ++i) {
+          const int r = lab[b * N + i];
+          if (r == 0) continue;
+          if (arg[r - 1] < 0 || x[b * N + i] > val[r - 1]) {
+            arg[r - 1] = i;
+            val[r - 1] = x[b * N + i];
+          }
+        }
+        std::vector<long long> present;
+        for (long long r = 0; r < R; ++r)
+          if (arg[r] >= 0) present.push_back(r);
+        std::stable_sort(present.begin(), present.end(), [&](long long p, long long q) { return val[p] > val[q]; });
+        if (static_cast<long long>(present.size()) > k) present.resize(k);
+        std::sort(present.begin(), present.end());
+        for (long long c = 0; c < k; ++c) {
+          const bool has = c < static_cast<long long>(present.size());
+          ref_arg.push_back(has ? arg[present[c]] : -1);
+          ref_val.push_back(has ? val[present[c]] : 0.0);
+          ref_id.push_back(has ? present[c] + 1 : 0);
+        }
+      }
+      std::vector<long long> argmax(B * k), ids(B * k);
+      std::vector<float> vf(B * k);
+      std::vector<double> vd(B * k);
+      std::vector<unsigned long long> keys(B * N), first(B * N), max_label(B);
+      unsigned char ok = 1;
+      RegionTopkArgs a{};
+      const bool packed = pass % 2 == 0;
+      a.input = packed ? static_cast<const void*>(x.data()) : static_cast<const void*>(xd.data());
+      a.labels = lab.data();
+      a.value_kind = packed ? ValueKind::kFloat : ValueKind::kDouble;
+      a.label_kind = LabelKind::kInt32;
+      a.batch = B;
+      a.item_voxels = N;
+      a.k = k;
+      a.values = packed ? static_cast<void*>(vf.data()) : static_cast<void*>(vd.data());
+      a.argmax = argmax.data();
+      a.ids = ids.data();
+      a.keys = keys.data();
+      a.first_index = packed ? nullptr : first.data();
+      a.max_label = max_label.data();
+      a.ok = &ok;
+      CHECK(launch_region_topk(a, nullptr) == cudaSuccess, "topk launch");
+      CHECK(ok == 1, "topk ok flag");
+      for (long long c = 0; c < B * k; ++c) {
+        CHECK(ids[c] == ref_id[c] && argmax[c] == ref_arg[c], "topk pass %d k %lld column %lld: id %lld argmax %lld, "
+              "expected %lld and %lld", pass, k, c, ids[c], argmax[c], ref_id[c], ref_arg[c]);
+        const double v = packed ? vf[c] : vd[c];
+        CHECK(v == ref_val[c], "topk pass %d k %lld column %lld: value %g, expected %g", pass, k, c, v, ref_val[c]);
+      }
+    }
+  }
+  // backward: regions of item 1 share voxels 0..3; gradients of very different magnitudes, so the
+  // order of the additions shows in the float sums
+  std::vector<long long> argmax(B * R);
+  std::vector<float> grad(B * R);
+  for (long long t = 0; t < B * R; ++t) {
+    argmax[t] = t < R ? (t % 5 == 0 ? -1 : t * 13 % N) : t % 4;
+    grad[t] = std::ldexp(1.0f + static_cast<float>(t % 7) / 8, static_cast<int>(t % 40) - 20) * (t % 3 ? 1 : -1);
+  }
+  std::vector<float> ref(B * N, 0.0f), out(B * N, 7.0f);
+  for (long long t = 0; t < B * R; ++t)
+    if (argmax[t] >= 0) ref[(t / R) * N + argmax[t]] += grad[t];
+  std::vector<unsigned long long> table(3 * region_grad_table_slots(B, R));
+  unsigned char ok = 1;
+  RegionMaxBackwardArgs g{};
+  g.grad_values = grad.data();
+  g.argmax = argmax.data();
+  g.value_kind = ValueKind::kFloat;
+  g.batch = B;
+  g.regions = R;
+  g.item_voxels = N;
+  g.grad_input = out.data();
+  g.table = table.data();
+  g.table_slots = region_grad_table_slots(B, R);
+  g.ok = &ok;
+  CHECK(launch_region_max_backward(g, nullptr) == cudaSuccess, "backward launch");
+  CHECK(ok == 1, "backward ok flag");
+  for (long long i = 0; i < B * N; ++i)
+    CHECK(std::memcmp(&out[i], &ref[i], sizeof(float)) == 0, "backward voxel %lld: %.9g, expected %.9g", i, out[i], ref[i]);
+  return 0;
+}
 
 int main() {
   using namespace lesioncount::cuda;
@@ -225,6 +328,7 @@ int main() {
       CHECK(v == ref_val[c], "pass %d region %lld: value %g, expected %g", pass, c, v, ref_val[c]);
     }
   }
+  if (check_topk_and_backward(lab, x, B, N, R) != 0) return 1;
   std::printf("ok\n");
   return 0;
 }
