@@ -76,10 +76,10 @@ int main() {
   PbPlan big = pb_plan(1024, 100000, 100000, true);
   CHECK(!big.split && big.blocks == 1 && !big.smem_state);
   // region_max: two passes for float64 or items above 2^32 voxels
-  CHECK(!region_max_two_pass(ValueKind::kFloat, 1LL << 32));
-  CHECK(region_max_two_pass(ValueKind::kFloat, (1LL << 32) + 1));
-  CHECK(region_max_two_pass(ValueKind::kDouble, 10));
-  CHECK(!region_max_two_pass(ValueKind::kHalf, 10) && !region_max_two_pass(ValueKind::kBFloat16, 10));
+  CHECK(!region_max_two_pass(DType::kFloat, 1LL << 32));
+  CHECK(region_max_two_pass(DType::kFloat, (1LL << 32) + 1));
+  CHECK(region_max_two_pass(DType::kDouble, 10));
+  CHECK(!region_max_two_pass(DType::kHalf, 10) && !region_max_two_pass(DType::kBFloat16, 10));
   RegionMaxGrid g = region_max_grid(8, 64LL * 192 * 192);
   CHECK(g.blocks_y == 8 && g.blocks_x * kRegionMaxVoxelsPerBlock >= 64LL * 192 * 192);
   g = region_max_grid(100000, 10);

@@ -13,6 +13,7 @@
 #include <optional>
 
 #include "common/stable_api.h"
+#include "cuda/dtype.h"
 
 #if !defined(LESIONCOUNT_CUDA_ON_CPU)
 #include <torch/csrc/stable/accelerator.h>
@@ -59,6 +60,23 @@ inline cudaStream_t current_stream(const Tensor& t) {
   STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(t.get_device_index(), &stream));
   return static_cast<cudaStream_t>(stream);
 #endif
+}
+
+// torch's dtype as the launch API's code (cuda/dtype.h); `what` names the argument in the error for
+// a dtype no kernel reads (the callers check the dtypes first, so this is a last guard).
+inline cuda::DType dtype_code(ScalarType t, const char* what = "lesioncount: tensor") {
+  switch (t) {
+    case ScalarType::Bool: return cuda::DType::kBool;
+    case ScalarType::Byte: return cuda::DType::kUInt8;
+    case ScalarType::Half: return cuda::DType::kHalf;
+    case ScalarType::BFloat16: return cuda::DType::kBFloat16;
+    case ScalarType::Float: return cuda::DType::kFloat;
+    case ScalarType::Double: return cuda::DType::kDouble;
+    case ScalarType::Int: return cuda::DType::kInt32;
+    case ScalarType::Long: return cuda::DType::kInt64;
+    default: LC_CHECK(false, what, ": unsupported dtype ", t);
+  }
+  return cuda::DType::kFloat;
 }
 
 // Raises a RuntimeError naming `op` if a CUDA runtime call or a launch failed.

@@ -228,7 +228,7 @@ inline dim3 phase_grid(int64_t nblocks, int64_t batch) {
 inline dim3 scan_grid(int64_t ntiles) { return dim3(static_cast<unsigned>(ntiles)); }
 
 template <int Conn, typename index_t>
-cudaError_t launch_typed(const LabelShape& s, const void* input, LabelInputType type, double threshold,
+cudaError_t launch_typed(const LabelShape& s, const void* input, DType type, double threshold,
                          void* labels, int64_t* num, uint8_t* in_range, char* ws, cudaStream_t stream) {
   const Layout l = make_layout(s);
   Problem<index_t> p;
@@ -252,24 +252,24 @@ cudaError_t launch_typed(const LabelShape& s, const void* input, LabelInputType 
   const dim3 grid = phase_grid(l.nblocks, s.batch);
   const float fbound = buf::float_bound_below(threshold);
   switch (type) {
-    case kLabelInputBool:
-    case kLabelInputUInt8:
+    case DType::kBool:
+    case DType::kUInt8:
       err = launch_kernel(init_kernel<Conn, index_t, FloatForeground<uint8_t>>, grid, kThreads, 0, stream, p,
                           FloatForeground<uint8_t>{static_cast<const uint8_t*>(input), fbound, check});
       break;
-    case kLabelInputHalf:
+    case DType::kHalf:
       err = launch_kernel(init_kernel<Conn, index_t, FloatForeground<__half>>, grid, kThreads, 0, stream, p,
                           FloatForeground<__half>{static_cast<const __half*>(input), fbound, check});
       break;
-    case kLabelInputBFloat16:
+    case DType::kBFloat16:
       err = launch_kernel(init_kernel<Conn, index_t, FloatForeground<__nv_bfloat16>>, grid, kThreads, 0, stream, p,
                           FloatForeground<__nv_bfloat16>{static_cast<const __nv_bfloat16*>(input), fbound, check});
       break;
-    case kLabelInputFloat:
+    case DType::kFloat:
       err = launch_kernel(init_kernel<Conn, index_t, FloatForeground<float>>, grid, kThreads, 0, stream, p,
                           FloatForeground<float>{static_cast<const float*>(input), fbound, check});
       break;
-    case kLabelInputDouble:
+    case DType::kDouble:
       err = launch_kernel(init_kernel<Conn, index_t, DoubleForeground>, grid, kThreads, 0, stream, p,
                           DoubleForeground{static_cast<const double*>(input), threshold, check});
       break;
@@ -297,7 +297,7 @@ cudaError_t launch_typed(const LabelShape& s, const void* input, LabelInputType 
 }
 
 template <int Conn>
-cudaError_t launch_conn(const LabelShape& s, const void* input, LabelInputType type, double threshold,
+cudaError_t launch_conn(const LabelShape& s, const void* input, DType type, double threshold,
                         void* labels, int64_t* num, uint8_t* in_range, char* ws, cudaStream_t stream) {
   if (label_is_wide(s))
     return launch_typed<Conn, int64_t>(s, input, type, threshold, labels, num, in_range, ws, stream);
@@ -316,12 +316,17 @@ bool label_is_wide(const LabelShape& s) {
 
 size_t label_workspace_bytes(const LabelShape& s) { return make_layout(s).total; }
 
-cudaError_t label_launch(const LabelShape& s, const void* input, LabelInputType type, double threshold,
-                         void* labels, int64_t* num, void* workspace, size_t workspace_bytes,
-                         cudaStream_t stream, uint8_t* in_range) {
+cudaError_t launch_label(const LabelArgs& a, cudaStream_t stream) {
+  const LabelShape& s = a.shape;
   if (s.batch <= 0 || s.depth <= 0 || s.height <= 0 || s.width <= 0) return cudaErrorInvalidValue;
-  if (workspace_bytes < label_workspace_bytes(s)) return cudaErrorInvalidValue;
-  char* ws = static_cast<char*>(workspace);
+  if (a.workspace_bytes < label_workspace_bytes(s)) return cudaErrorInvalidValue;
+  char* ws = static_cast<char*>(a.workspace);
+  const void* input = a.input;
+  const DType type = a.input_type;
+  const double threshold = a.threshold;
+  void* labels = a.labels;
+  int64_t* num = a.num;
+  uint8_t* in_range = a.in_range;
   switch (s.connectivity) {
     case 4: return launch_conn<4>(s, input, type, threshold, labels, num, in_range, ws, stream);
     case 8: return launch_conn<8>(s, input, type, threshold, labels, num, in_range, ws, stream);

@@ -22,16 +22,6 @@ std::tuple<Tensor, Tensor> label_cuda(const Tensor& input, double threshold, int
   check_label_arguments(input, threshold, connectivity, min_size);
   LC_CHECK(on_kernel_device(input), "label: expected a CUDA tensor for `input`, got one on ", device_name(input));
   const int spatial_rank = static_cast<int>(input.dim()) - 1;
-  cuda::LabelInputType type = cuda::kLabelInputFloat;
-  switch (input.scalar_type()) {
-    case ScalarType::Bool: type = cuda::kLabelInputBool; break;
-    case ScalarType::Byte: type = cuda::kLabelInputUInt8; break;
-    case ScalarType::Half: type = cuda::kLabelInputHalf; break;
-    case ScalarType::BFloat16: type = cuda::kLabelInputBFloat16; break;
-    case ScalarType::Float: type = cuda::kLabelInputFloat; break;
-    case ScalarType::Double: type = cuda::kLabelInputDouble; break;
-    default: break;  // rejected by check_label_arguments
-  }
 
   const KernelDeviceGuard guard(input);
   const Tensor x = dense(input);
@@ -54,10 +44,17 @@ std::tuple<Tensor, Tensor> label_cuda(const Tensor& input, double threshold, int
   std::optional<Tensor> in_range;
   if (check_probabilities) in_range = new_empty(x, {}, ScalarType::Bool);
   const cudaStream_t stream = current_stream(x);
-  check_cuda(cuda::label_launch(shape, x.const_data_ptr(), type, threshold, labels.mutable_data_ptr(),
-                                num.mutable_data_ptr<int64_t>(), workspace.mutable_data_ptr(), ws_bytes, stream,
-                                in_range ? static_cast<uint8_t*>(in_range->mutable_data_ptr()) : nullptr),
-             "label");
+  cuda::LabelArgs args{};
+  args.shape = shape;
+  args.input = x.const_data_ptr();
+  args.input_type = dtype_code(x.scalar_type());
+  args.threshold = threshold;
+  args.labels = labels.mutable_data_ptr();
+  args.num = num.mutable_data_ptr<int64_t>();
+  args.workspace = workspace.mutable_data_ptr();
+  args.workspace_bytes = ws_bytes;
+  args.in_range = in_range ? static_cast<uint8_t*>(in_range->mutable_data_ptr()) : nullptr;
+  check_cuda(cuda::launch_label(args, stream), "label");
   if (in_range)
     assert_async(*in_range, "label: `input` must hold probabilities in [0, 1] without NaN (pass from_logits=True for logits)");
   return {labels, num};

@@ -21,22 +21,23 @@ namespace cuda {
 namespace {
 
 template <bool BACKWARD>
-cudaError_t launch(const PbArgs& a, cudaStream_t stream) {
+cudaError_t launch(const PoissonBinomialArgs& a, cudaStream_t stream) {
   if (a.batch <= 0) return cudaSuccess;
   if (BACKWARD && a.K <= 0) return cudaSuccess;
   switch (a.kind) {
-    case PbValueKind::kHalf: return launch_pb_half(a, BACKWARD, stream);
-    case PbValueKind::kBFloat16: return launch_pb_bfloat16(a, BACKWARD, stream);
-    case PbValueKind::kFloat: return launch_pb_float(a, BACKWARD, stream);
-    case PbValueKind::kDouble: return launch_pb_double(a, BACKWARD, stream);
+    case DType::kHalf: return launch_pb_half(a, BACKWARD, stream);
+    case DType::kBFloat16: return launch_pb_bfloat16(a, BACKWARD, stream);
+    case DType::kFloat: return launch_pb_float(a, BACKWARD, stream);
+    case DType::kDouble: return launch_pb_double(a, BACKWARD, stream);
+    default: break;
   }
   return cudaErrorInvalidValue;
 }
 
 }  // namespace
 
-cudaError_t launch_poisson_binomial_forward(const PbArgs& args, cudaStream_t stream) { return launch<false>(args, stream); }
-cudaError_t launch_poisson_binomial_backward(const PbArgs& args, cudaStream_t stream) { return launch<true>(args, stream); }
+cudaError_t launch_poisson_binomial(const PoissonBinomialArgs& args, cudaStream_t stream) { return launch<false>(args, stream); }
+cudaError_t launch_poisson_binomial_backward(const PoissonBinomialArgs& args, cudaStream_t stream) { return launch<true>(args, stream); }
 
 }  // namespace cuda
 }  // namespace lesioncount

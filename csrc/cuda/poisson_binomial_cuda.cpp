@@ -13,17 +13,6 @@
 namespace lesioncount {
 namespace {
 
-cuda::PbValueKind pb_kind(ScalarType t, const char* op) {
-  switch (t) {
-    case ScalarType::Half: return cuda::PbValueKind::kHalf;
-    case ScalarType::BFloat16: return cuda::PbValueKind::kBFloat16;
-    case ScalarType::Float: return cuda::PbValueKind::kFloat;
-    case ScalarType::Double: return cuda::PbValueKind::kDouble;
-    default: LC_CHECK(false, op, ": `probs` must be float16, bfloat16, float32 or float64, got ", t);
-  }
-  return cuda::PbValueKind::kFloat;
-}
-
 void check_probs_arg(const Tensor& probs, int64_t max_count, const char* op) {
   check_poisson_binomial_arguments(probs, max_count, op);
   LC_CHECK(on_kernel_device(probs), op, ": expected a CUDA tensor for `probs`, got one on ", device_name(probs));
@@ -35,7 +24,7 @@ const char* kInvalidMessage =
 // Launch arguments shared by the forward and the backward, plus the tensors they point into
 // (scratch and the device-side validity flag, set to 1 on `stream` before the launch).
 struct PbLaunch {
-  cuda::PbArgs args{};
+  cuda::PoissonBinomialArgs args{};
   std::optional<Tensor> scratch;
   std::optional<Tensor> ok;
 };
@@ -47,9 +36,9 @@ PbLaunch prepare_launch(const Tensor& x, const Tensor& out, const double* grad, 
   const cuda::PbPlan plan = cuda::pb_plan(B, K, M, backward);
   if (plan.scratch_doubles > 0) launch.scratch = new_empty(x, {plan.scratch_doubles}, ScalarType::Double);
   launch.ok = device_ok_flag(x, stream, op);
-  cuda::PbArgs& a = launch.args;
+  cuda::PoissonBinomialArgs& a = launch.args;
   a.probs = x.const_data_ptr();
-  a.kind = pb_kind(x.scalar_type(), op);
+  a.kind = dtype_code(x.scalar_type(), op);
   a.batch = B;
   a.K = K;
   a.M = M;
@@ -71,7 +60,7 @@ Tensor poisson_binomial_cuda(const Tensor& probs, int64_t max_count, bool log_sp
   if (B == 0) return out;
   const cudaStream_t stream = current_stream(x);
   PbLaunch launch = prepare_launch(x, out, nullptr, M, log_space, from_logits, false, "poisson_binomial", stream);
-  check_cuda(cuda::launch_poisson_binomial_forward(launch.args, stream), "poisson_binomial");
+  check_cuda(cuda::launch_poisson_binomial(launch.args, stream), "poisson_binomial");
   if (K > 0) assert_async(*launch.ok, kInvalidMessage);
   return out;
 }

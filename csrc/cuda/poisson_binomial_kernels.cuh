@@ -589,7 +589,7 @@ __global__ void __launch_bounds__(kPbBlockThreads)
 // ======================================== dispatch ========================================
 
 template <typename T, bool LOG>
-cudaError_t launch_forward_typed(const PbArgs& a, cudaStream_t stream) {
+cudaError_t launch_forward_typed(const PoissonBinomialArgs& a, cudaStream_t stream) {
   const PbPlan p = pb_plan(a.batch, a.K, a.M, false);
   const T* x = static_cast<const T*>(a.probs);
   T* out = static_cast<T*>(a.out);
@@ -617,7 +617,7 @@ cudaError_t launch_forward_typed(const PbArgs& a, cudaStream_t stream) {
 }
 
 template <typename T, bool LOG>
-cudaError_t launch_backward_typed(const PbArgs& a, cudaStream_t stream) {
+cudaError_t launch_backward_typed(const PoissonBinomialArgs& a, cudaStream_t stream) {
   const PbPlan p = pb_plan(a.batch, a.K, a.M, true);
   const T* x = static_cast<const T*>(a.probs);
   T* out = static_cast<T*>(a.out);
@@ -641,7 +641,7 @@ cudaError_t launch_backward_typed(const PbArgs& a, cudaStream_t stream) {
 }
 
 template <bool BACKWARD, typename T>
-cudaError_t launch_mode(const PbArgs& a, cudaStream_t stream) {
+cudaError_t launch_mode(const PoissonBinomialArgs& a, cudaStream_t stream) {
   if (BACKWARD) return a.log_space ? launch_backward_typed<T, true>(a, stream) : launch_backward_typed<T, false>(a, stream);
   return a.log_space ? launch_forward_typed<T, true>(a, stream) : launch_forward_typed<T, false>(a, stream);
 }
@@ -655,7 +655,7 @@ cudaError_t launch_mode(const PbArgs& a, cudaStream_t stream) {
 #define LC_DEFINE_PB_LAUNCH(NAME, T)                                                                 \
   namespace lesioncount {                                                                            \
   namespace cuda {                                                                                   \
-  cudaError_t launch_pb_##NAME(const PbArgs& a, bool backward, cudaStream_t stream) {                        \
+  cudaError_t launch_pb_##NAME(const PoissonBinomialArgs& a, bool backward, cudaStream_t stream) {                        \
     return backward ? launch_mode<true, T>(a, stream) : launch_mode<false, T>(a, stream);            \
   }                                                                                                  \
   }                                                                                                  \

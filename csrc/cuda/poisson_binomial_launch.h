@@ -27,10 +27,11 @@
 
 #include <cuda_runtime_api.h>
 
+#include "cuda/dtype.h"
+
 namespace lesioncount {
 namespace cuda {
 
-enum class PbValueKind : int { kHalf = 0, kBFloat16 = 1, kFloat = 2, kDouble = 3 };
 
 constexpr int kPbSplitMaxBins = 16;   // split kernel when M + 1 <= this
 constexpr int kPbSplitWarpsPerBlock = 4;
@@ -124,9 +125,9 @@ LC_HOST_DEVICE inline PbPlan pb_plan(long long B, long long K, long long M, bool
   return p;
 }
 
-struct PbArgs {
-  const void* probs;  // (B, K) contiguous, PbValueKind
-  PbValueKind kind;
+struct PoissonBinomialArgs {
+  const void* probs;  // (B, K) contiguous, DType
+  DType kind;
   long long batch, K, M;
   bool log_space, from_logits;
   const double* grad;  // backward only: (B, M+1) float64 contiguous
@@ -136,16 +137,16 @@ struct PbArgs {
 };
 
 // Enqueue on `stream`; no host sync (the launch convention of every op: docs/ARCHITECTURE.md).
-cudaError_t launch_poisson_binomial_forward(const PbArgs& args, cudaStream_t stream);
-cudaError_t launch_poisson_binomial_backward(const PbArgs& args, cudaStream_t stream);
+cudaError_t launch_poisson_binomial(const PoissonBinomialArgs& args, cudaStream_t stream);
+cudaError_t launch_poisson_binomial_backward(const PoissonBinomialArgs& args, cudaStream_t stream);
 
 // Internal: the per-dtype halves of the two above (forward when !backward), one per translation unit
 // poisson_binomial_<dtype>.cu so that nvcc compiles the dtypes in parallel; poisson_binomial.cu
-// dispatches on PbArgs::kind.
-cudaError_t launch_pb_half(const PbArgs& args, bool backward, cudaStream_t stream);
-cudaError_t launch_pb_bfloat16(const PbArgs& args, bool backward, cudaStream_t stream);
-cudaError_t launch_pb_float(const PbArgs& args, bool backward, cudaStream_t stream);
-cudaError_t launch_pb_double(const PbArgs& args, bool backward, cudaStream_t stream);
+// dispatches on PoissonBinomialArgs::kind.
+cudaError_t launch_pb_half(const PoissonBinomialArgs& args, bool backward, cudaStream_t stream);
+cudaError_t launch_pb_bfloat16(const PoissonBinomialArgs& args, bool backward, cudaStream_t stream);
+cudaError_t launch_pb_float(const PoissonBinomialArgs& args, bool backward, cudaStream_t stream);
+cudaError_t launch_pb_double(const PoissonBinomialArgs& args, bool backward, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace lesioncount

@@ -27,7 +27,6 @@
 
 #include "cuda/kernel_launch.h"
 #include "cuda/region_max_launch.h"
-#include "cuda/region_ops_launch.h"
 
 namespace lesioncount {
 namespace cuda {
@@ -201,7 +200,7 @@ __global__ void region_max_finalize(const T* __restrict__ x, long long batch, lo
 }
 
 template <typename T, typename L>
-int launch_typed(const RegionMaxArgs& a, cudaStream_t stream) {
+cudaError_t launch_typed(const RegionMaxArgs& a, cudaStream_t stream) {
   const long long total = a.batch * a.num_regions;
   cudaError_t err = cudaSuccess;
   unsigned long long* keys = reinterpret_cast<unsigned long long*>(a.argmax);
@@ -243,8 +242,8 @@ int launch_typed(const RegionMaxArgs& a, cudaStream_t stream) {
 }
 
 template <typename T>
-int launch_labels(const RegionMaxArgs& a, cudaStream_t stream) {
-  if (a.label_kind == LabelKind::kInt32) return launch_typed<T, int32_t>(a, stream);
+cudaError_t launch_labels(const RegionMaxArgs& a, cudaStream_t stream) {
+  if (a.label_kind == DType::kInt32) return launch_typed<T, int32_t>(a, stream);
   return launch_typed<T, int64_t>(a, stream);
 }
 
@@ -436,7 +435,7 @@ cudaError_t launch_topk_typed(const RegionTopkArgs& a, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t launch_topk_labels(const RegionTopkArgs& a, cudaStream_t stream) {
-  if (a.label_kind == LabelKind::kInt32) return launch_topk_typed<T, int32_t>(a, stream);
+  if (a.label_kind == DType::kInt32) return launch_topk_typed<T, int32_t>(a, stream);
   return launch_topk_typed<T, int64_t>(a, stream);
 }
 
@@ -539,32 +538,35 @@ cudaError_t launch_backward_typed(const RegionMaxBackwardArgs& a, cudaStream_t s
 
 }  // namespace
 
-int launch_region_max(const RegionMaxArgs& a, cudaStream_t stream) {
+cudaError_t launch_region_max(const RegionMaxArgs& a, cudaStream_t stream) {
   switch (a.value_kind) {
-    case ValueKind::kHalf: return launch_labels<__half>(a, stream);
-    case ValueKind::kBFloat16: return launch_labels<__nv_bfloat16>(a, stream);
-    case ValueKind::kFloat: return launch_labels<float>(a, stream);
-    case ValueKind::kDouble: return launch_labels<double>(a, stream);
+    case DType::kHalf: return launch_labels<__half>(a, stream);
+    case DType::kBFloat16: return launch_labels<__nv_bfloat16>(a, stream);
+    case DType::kFloat: return launch_labels<float>(a, stream);
+    case DType::kDouble: return launch_labels<double>(a, stream);
+    default: break;
   }
   return cudaErrorInvalidValue;
 }
 
 cudaError_t launch_region_topk(const RegionTopkArgs& a, cudaStream_t stream) {
   switch (a.value_kind) {
-    case ValueKind::kHalf: return launch_topk_labels<__half>(a, stream);
-    case ValueKind::kBFloat16: return launch_topk_labels<__nv_bfloat16>(a, stream);
-    case ValueKind::kFloat: return launch_topk_labels<float>(a, stream);
-    case ValueKind::kDouble: return launch_topk_labels<double>(a, stream);
+    case DType::kHalf: return launch_topk_labels<__half>(a, stream);
+    case DType::kBFloat16: return launch_topk_labels<__nv_bfloat16>(a, stream);
+    case DType::kFloat: return launch_topk_labels<float>(a, stream);
+    case DType::kDouble: return launch_topk_labels<double>(a, stream);
+    default: break;
   }
   return cudaErrorInvalidValue;
 }
 
 cudaError_t launch_region_max_backward(const RegionMaxBackwardArgs& a, cudaStream_t stream) {
   switch (a.value_kind) {
-    case ValueKind::kHalf: return launch_backward_typed<__half>(a, stream);
-    case ValueKind::kBFloat16: return launch_backward_typed<__nv_bfloat16>(a, stream);
-    case ValueKind::kFloat: return launch_backward_typed<float>(a, stream);
-    case ValueKind::kDouble: return launch_backward_typed<double>(a, stream);
+    case DType::kHalf: return launch_backward_typed<__half>(a, stream);
+    case DType::kBFloat16: return launch_backward_typed<__nv_bfloat16>(a, stream);
+    case DType::kFloat: return launch_backward_typed<float>(a, stream);
+    case DType::kDouble: return launch_backward_typed<double>(a, stream);
+    default: break;
   }
   return cudaErrorInvalidValue;
 }

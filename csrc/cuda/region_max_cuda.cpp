@@ -10,20 +10,14 @@
 #include "common/op_arguments.h"
 #include "cuda/device_tensor.h"
 #include "cuda/region_max_launch.h"
-#include "cuda/region_ops_launch.h"
 
 namespace lesioncount {
 namespace {
 
-cuda::ValueKind value_kind(ScalarType t, const char* what = "region_max: `input`") {
-  switch (t) {
-    case ScalarType::Half: return cuda::ValueKind::kHalf;
-    case ScalarType::BFloat16: return cuda::ValueKind::kBFloat16;
-    case ScalarType::Float: return cuda::ValueKind::kFloat;
-    case ScalarType::Double: return cuda::ValueKind::kDouble;
-    default: LC_CHECK(false, what, " must be float16, bfloat16, float32 or float64, got ", t);
-  }
-  return cuda::ValueKind::kFloat;
+// The floating dtypes the region kernels read; `what` names the argument in the error.
+cuda::DType value_kind(ScalarType t, const char* what) {
+  LC_CHECK(is_floating(t), what, " must be float16, bfloat16, float32 or float64, got ", t);
+  return dtype_code(t, what);
 }
 
 std::tuple<Tensor, Tensor> region_max_cuda(const Tensor& input, const Tensor& labels, int64_t num_regions) {
@@ -41,7 +35,7 @@ std::tuple<Tensor, Tensor> region_max_cuda(const Tensor& input, const Tensor& la
     return {new_zeros(x, {batch, num_regions}, x.scalar_type()), new_full(x, {batch, num_regions}, ScalarType::Long, -1)};
   Tensor values = new_empty(x, {batch, num_regions}, x.scalar_type());
   Tensor argmax = new_empty(x, {batch, num_regions}, ScalarType::Long);
-  const cuda::ValueKind kind = value_kind(x.scalar_type());
+  const cuda::DType kind = value_kind(x.scalar_type(), "region_max: `input`");
   std::optional<Tensor> scratch;
   if (cuda::region_max_two_pass(kind, item_voxels) && num_regions > 0)
     scratch = new_empty(x, {batch, num_regions}, ScalarType::Long);
@@ -51,7 +45,7 @@ std::tuple<Tensor, Tensor> region_max_cuda(const Tensor& input, const Tensor& la
   args.input = x.const_data_ptr();
   args.labels = lab.const_data_ptr();
   args.value_kind = kind;
-  args.label_kind = lab.scalar_type() == ScalarType::Int ? cuda::LabelKind::kInt32 : cuda::LabelKind::kInt64;
+  args.label_kind = dtype_code(lab.scalar_type());
   args.batch = batch;
   args.item_voxels = item_voxels;
   args.num_regions = num_regions;
@@ -59,7 +53,7 @@ std::tuple<Tensor, Tensor> region_max_cuda(const Tensor& input, const Tensor& la
   args.argmax = reinterpret_cast<long long*>(argmax.mutable_data_ptr<int64_t>());
   args.scratch = scratch ? reinterpret_cast<unsigned long long*>(scratch->mutable_data_ptr<int64_t>()) : nullptr;
   args.ok = static_cast<unsigned char*>(ok.mutable_data_ptr());
-  check_cuda(static_cast<cudaError_t>(cuda::launch_region_max(args, stream)), "region_max");
+  check_cuda(cuda::launch_region_max(args, stream), "region_max");
   assert_async(ok, "region_max: `labels` must lie in [0, num_regions] and `input` must not be NaN inside a region");
   return {values, argmax};
 }
@@ -85,7 +79,7 @@ std::tuple<Tensor, Tensor, Tensor> region_topk_cuda(const Tensor& input, const T
   Tensor values = new_empty(x, {batch, k}, x.scalar_type());
   Tensor argmax = new_empty(x, {batch, k}, ScalarType::Long);
   Tensor ids = new_empty(x, {batch, k}, ScalarType::Long);
-  const cuda::ValueKind kind = value_kind(x.scalar_type(), "_region_topk: `input`");
+  const cuda::DType kind = value_kind(x.scalar_type(), "_region_topk: `input`");
   Tensor keys = new_empty(x, {batch, item_voxels}, ScalarType::Long);
   std::optional<Tensor> first_index;
   if (cuda::region_max_two_pass(kind, item_voxels)) first_index = new_empty(x, {batch, item_voxels}, ScalarType::Long);
@@ -97,7 +91,7 @@ std::tuple<Tensor, Tensor, Tensor> region_topk_cuda(const Tensor& input, const T
   args.input = x.const_data_ptr();
   args.labels = lab.const_data_ptr();
   args.value_kind = kind;
-  args.label_kind = lab.scalar_type() == ScalarType::Int ? cuda::LabelKind::kInt32 : cuda::LabelKind::kInt64;
+  args.label_kind = dtype_code(lab.scalar_type());
   args.batch = batch;
   args.item_voxels = item_voxels;
   args.k = k;
@@ -124,7 +118,7 @@ Tensor region_max_backward_cuda(const Tensor& grad_values, const Tensor& argmax,
   const int64_t batch = grad_values.size(0), regions = grad_values.size(1);
   const int64_t item_voxels = batch == 0 ? 0 : grad_input.numel() / batch;
   if (batch == 0) return grad_input;
-  const cuda::ValueKind kind = value_kind(grad_values.scalar_type(), "_region_max_backward: `grad_values`");
+  const cuda::DType kind = value_kind(grad_values.scalar_type(), "_region_max_backward: `grad_values`");
   const Tensor g = dense(grad_values);
   const Tensor a = dense(argmax);
   const int64_t slots = regions > 0 ? cuda::region_grad_table_slots(batch, regions) : 0;

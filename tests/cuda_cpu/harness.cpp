@@ -177,7 +177,6 @@ int main() {
 #include <algorithm>
 
 #include "cuda/region_max_launch.h"
-#include "cuda/region_ops_launch.h"
 
 // _region_topk and _region_max_backward against host references: the k best regions by (maximum
 // desc, label asc) in label order with their first argmax; gradients summed per voxel in region order.
@@ -226,8 +225,8 @@ int check_topk_and_backward(const std::vector<int32_t>& lab, const std::vector<f
       const bool packed = pass % 2 == 0;
       a.input = packed ? static_cast<const void*>(x.data()) : static_cast<const void*>(xd.data());
       a.labels = lab.data();
-      a.value_kind = packed ? ValueKind::kFloat : ValueKind::kDouble;
-      a.label_kind = LabelKind::kInt32;
+      a.value_kind = packed ? DType::kFloat : DType::kDouble;
+      a.label_kind = DType::kInt32;
       a.batch = B;
       a.item_voxels = N;
       a.k = k;
@@ -264,7 +263,7 @@ int check_topk_and_backward(const std::vector<int32_t>& lab, const std::vector<f
   RegionMaxBackwardArgs g{};
   g.grad_values = grad.data();
   g.argmax = argmax.data();
-  g.value_kind = ValueKind::kFloat;
+  g.value_kind = DType::kFloat;
   g.batch = B;
   g.regions = R;
   g.item_voxels = N;
@@ -310,8 +309,8 @@ int main() {
     RegionMaxArgs a{};
     a.input = pass == 0 ? static_cast<const void*>(x.data()) : static_cast<const void*>(xd.data());
     a.labels = lab.data();
-    a.value_kind = pass == 0 ? ValueKind::kFloat : ValueKind::kDouble;
-    a.label_kind = LabelKind::kInt32;
+    a.value_kind = pass == 0 ? DType::kFloat : DType::kDouble;
+    a.label_kind = DType::kInt32;
     a.batch = B;
     a.item_voxels = N;
     a.num_regions = R;
@@ -360,16 +359,16 @@ int main() {
     const PbPlan plan = pb_plan(B, K, M, false);
     std::vector<double> scratch(plan.scratch_doubles + 1);
     unsigned char ok = 1;
-    PbArgs a{};
+    PoissonBinomialArgs a{};
     a.probs = p.data();
-    a.kind = PbValueKind::kDouble;
+    a.kind = DType::kDouble;
     a.batch = B;
     a.K = K;
     a.M = M;
     a.out = out.data();
     a.scratch = scratch.data();
     a.ok = &ok;
-    CHECK(launch_poisson_binomial_forward(a, nullptr) == 0, "launch M=%lld", M);
+    CHECK(launch_poisson_binomial(a, nullptr) == 0, "launch M=%lld", M);
     CHECK(ok == 1, "ok flag");
     for (size_t i = 0; i < out.size(); ++i)
       CHECK(std::fabs(out[i] - ref[i]) <= 1e-12 + 1e-10 * std::fabs(ref[i]), "M=%lld bin %zu: %.17g vs %.17g", M, i,
@@ -427,8 +426,8 @@ int main() {
     std::vector<int32_t> labels(B * n);
     std::vector<int64_t> num(B);
     std::vector<char> ws(label_workspace_bytes(s));
-    CHECK(label_launch(s, x.data(), kLabelInputFloat, 0.5, labels.data(), num.data(), ws.data(), ws.size(), nullptr) == 0,
-          "launch");
+    LabelArgs args{s, x.data(), DType::kFloat, 0.5, labels.data(), num.data(), ws.data(), ws.size(), nullptr};
+    CHECK(launch_label(args, nullptr) == 0, "launch");
     for (int b = 0; b < B; ++b) {
       std::vector<uint8_t> fg(n);
       for (int64_t i = 0; i < n; ++i) fg[i] = x[b * n + i] > 0.5f;
@@ -443,13 +442,14 @@ int main() {
     // check_probabilities: the first pass clears the in-range byte on a value outside [0, 1] only
     std::vector<int32_t> again(B * n);
     uint8_t in_range = 7;
-    CHECK(label_launch(s, x.data(), kLabelInputFloat, 0.5, again.data(), num.data(), ws.data(), ws.size(), nullptr,
-                       &in_range) == 0 && in_range == 1 && again == labels,
+    args.labels = again.data();
+    args.in_range = &in_range;
+    CHECK(launch_label(args, nullptr) == 0 && in_range == 1 && again == labels,
           "conn %d: in-range input flagged (%d) or labelled differently", conn, in_range);
     std::vector<float> bad(x);
     bad[B * n - 1] = 1.0f + 1.0f / 8388608.0f;
-    CHECK(label_launch(s, bad.data(), kLabelInputFloat, 0.5, again.data(), num.data(), ws.data(), ws.size(), nullptr,
-                       &in_range) == 0 && in_range == 0,
+    args.input = bad.data();
+    CHECK(launch_label(args, nullptr) == 0 && in_range == 0,
           "conn %d: a value above 1 not flagged", conn);
   }
   std::printf("ok\n");
