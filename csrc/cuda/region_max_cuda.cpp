@@ -20,17 +20,37 @@ cuda::DType value_kind(ScalarType t, const char* what) {
   return dtype_code(t, what);
 }
 
+// The scan inputs shared by region_max and _region_topk: dense input and labels on one device.
+struct RegionScan {
+  Tensor x, lab;
+  int64_t batch, item_voxels;
+};
+
+RegionScan region_scan_inputs(const Tensor& input, const Tensor& labels, const char* op) {
+  LC_CHECK(on_kernel_device(input) && on_kernel_device(labels) && same_device(input, labels), op,
+           ": `input` and `labels` must be on the same CUDA device, got `input` on ", device_name(input),
+           " and `labels` on ", device_name(labels));
+  const int64_t batch = input.size(0);
+  return {dense(input), dense(labels), batch, batch == 0 ? 0 : input.numel() / batch};
+}
+
+// Fills the scan fields that RegionMaxArgs and RegionTopkArgs share.
+template <typename Args>
+void set_scan_arguments(Args& args, const RegionScan& scan, cuda::DType value_kind) {
+  args.input = scan.x.const_data_ptr();
+  args.labels = scan.lab.const_data_ptr();
+  args.value_kind = value_kind;
+  args.label_kind = dtype_code(scan.lab.scalar_type());
+  args.batch = scan.batch;
+  args.item_voxels = scan.item_voxels;
+}
+
 std::tuple<Tensor, Tensor> region_max_cuda(const Tensor& input, const Tensor& labels, int64_t num_regions) {
   check_region_max_arguments(input, labels, num_regions);
-  LC_CHECK(on_kernel_device(input) && on_kernel_device(labels) && same_device(input, labels),
-           "region_max: `input` and `labels` must be on the same CUDA device, got `input` on ", device_name(input),
-           " and `labels` on ", device_name(labels));
+  const RegionScan scan = region_scan_inputs(input, labels, "region_max");
   const KernelDeviceGuard guard(input);
-
-  const int64_t batch = input.size(0);
-  const int64_t item_voxels = batch == 0 ? 0 : input.numel() / batch;
-  const Tensor x = dense(input);
-  const Tensor lab = dense(labels);
+  const Tensor& x = scan.x;
+  const int64_t batch = scan.batch, item_voxels = scan.item_voxels;
   if (batch == 0 || item_voxels == 0)
     return {new_zeros(x, {batch, num_regions}, x.scalar_type()), new_full(x, {batch, num_regions}, ScalarType::Long, -1)};
   Tensor values = new_empty(x, {batch, num_regions}, x.scalar_type());
@@ -42,12 +62,7 @@ std::tuple<Tensor, Tensor> region_max_cuda(const Tensor& input, const Tensor& la
   const cudaStream_t stream = current_stream(x);
   Tensor ok = device_ok_flag(x, stream, "region_max");
   cuda::RegionMaxArgs args{};
-  args.input = x.const_data_ptr();
-  args.labels = lab.const_data_ptr();
-  args.value_kind = kind;
-  args.label_kind = dtype_code(lab.scalar_type());
-  args.batch = batch;
-  args.item_voxels = item_voxels;
+  set_scan_arguments(args, scan, kind);
   args.num_regions = num_regions;
   args.values = values.mutable_data_ptr();
   args.argmax = reinterpret_cast<long long*>(argmax.mutable_data_ptr<int64_t>());
@@ -64,15 +79,10 @@ std::tuple<Tensor, Tensor> region_max_cuda(const Tensor& input, const Tensor& la
 std::tuple<Tensor, Tensor, Tensor> region_topk_cuda(const Tensor& input, const Tensor& labels, int64_t k) {
   check_region_arguments(input, labels, "_region_topk");
   LC_CHECK(k >= 0, "_region_topk: `k` must be >= 0, got ", k);
-  LC_CHECK(on_kernel_device(input) && on_kernel_device(labels) && same_device(input, labels),
-           "_region_topk: `input` and `labels` must be on the same CUDA device, got `input` on ", device_name(input),
-           " and `labels` on ", device_name(labels));
+  const RegionScan scan = region_scan_inputs(input, labels, "_region_topk");
   const KernelDeviceGuard guard(input);
-
-  const int64_t batch = input.size(0);
-  const int64_t item_voxels = batch == 0 ? 0 : input.numel() / batch;
-  const Tensor x = dense(input);
-  const Tensor lab = dense(labels);
+  const Tensor& x = scan.x;
+  const int64_t batch = scan.batch, item_voxels = scan.item_voxels;
   if (batch == 0 || item_voxels == 0)
     return {new_zeros(x, {batch, k}, x.scalar_type()), new_full(x, {batch, k}, ScalarType::Long, -1),
             new_zeros(x, {batch, k}, ScalarType::Long)};
@@ -88,12 +98,7 @@ std::tuple<Tensor, Tensor, Tensor> region_topk_cuda(const Tensor& input, const T
   Tensor ok = device_ok_flag(x, stream, "_region_topk");
 
   cuda::RegionTopkArgs args{};
-  args.input = x.const_data_ptr();
-  args.labels = lab.const_data_ptr();
-  args.value_kind = kind;
-  args.label_kind = dtype_code(lab.scalar_type());
-  args.batch = batch;
-  args.item_voxels = item_voxels;
+  set_scan_arguments(args, scan, kind);
   args.k = k;
   args.values = values.mutable_data_ptr();
   args.argmax = reinterpret_cast<long long*>(argmax.mutable_data_ptr<int64_t>());
