@@ -29,7 +29,7 @@ READELF = shutil.which("readelf")
 # their version tag (nm -D prints "name@VERSION").
 _ALLOWED_UNDEFINED = re.compile(
     r"^(aoti_torch_\w+|torch_\w+"                      # torch's stable C shim
-    r"|cuda\w+|__cuda\w+"                              # CUDA runtime (_C_cuda)
+    r"|(cuda\w+|__cuda\w+)(@libcudart\.so\.\d+)?"       # CUDA runtime (_C_cuda)
     r"|_ITM_\w+|__gmon_start__|_Jv_RegisterClasses"     # weak toolchain hooks
     r"|_ZTH\w+"                                        # weak thread_local init hooks (the test runtime)
     r"|[\w.]+@(GLIBC|GLIBCXX|CXXABI|GCC)_[\w.]+)$"      # libc, libstdc++, libgcc
