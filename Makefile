@@ -120,27 +120,29 @@ wheel: $(WHEEL_VENV)/.deps
 	mkdir -p $(DIST)/test && cp build/wheel-cuda-on-cpu/install/lesioncount/_C_cuda_cpu.so $(DIST)/test/
 	@ls -l $(DIST)/lesioncount-*.whl $(DIST)/test/_C_cuda_cpu.so
 
-# `make wheel-test`: the same wheel file installed into two fresh venvs, torch 2.13.0 (CPU) and torch
-# 2.14.1 (a CUDA build, which runs on the CPU here), each running the op tests, the CUDA tests on the
-# CPU test runtime (the same dist/test/_C_cuda_cpu.so) and tests/test_stable_abi.py.
+# `make wheel-test`: the same wheel file installed into fresh venvs, by default torch 2.13.0 (CPU) and
+# torch 2.14.1 (a CUDA build, which runs on the CPU here), each running the op tests, the CUDA tests on
+# the CPU test runtime (the same dist/test/_C_cuda_cpu.so) and tests/test_stable_abi.py.
+# `make wheel-test WHEEL_TEST_TORCHES="2.10 2.13 2.14"` adds the stable-ABI floor, torch 2.10.0 (PyPI's
+# build for CUDA 12.8, 7 GB: the CPU kernels load, the CUDA 13 kernels are refused with the reason).
 WHEEL_TEST_DEPS := numpy scipy pytest hypothesis expecttest
 WHEEL_TESTS := tests/test_stable_abi.py tests/test_label.py tests/test_region_max.py tests/test_region_topk.py \
     tests/test_poisson_binomial.py tests/test_count_distribution.py tests/test_autodiff.py tests/test_bad_input.py \
     tests/test_cuda_ops.py tests/test_cuda_label.py tests/test_cuda_cpu_runtime.py
 
-.venv-wheel-torch2.13/.deps:
-	test -x .venv-wheel-torch2.13/bin/python || $(PYTHON) -m venv .venv-wheel-torch2.13
-	.venv-wheel-torch2.13/bin/python -m pip install -q --no-compile torch==2.13.0 $(WHEEL_TEST_DEPS)
+WHEEL_TEST_TORCHES ?= 2.13 2.14
+TORCH_RELEASE_2.10 := torch==2.10.0
+TORCH_RELEASE_2.13 := torch==2.13.0
+TORCH_RELEASE_2.14 := torch==2.14.1
+
+.venv-wheel-torch%/.deps:
+	test -x .venv-wheel-torch$*/bin/python || $(PYTHON) -m venv .venv-wheel-torch$*
+	.venv-wheel-torch$*/bin/python -m pip install -q --no-compile $(TORCH_RELEASE_$*) $(WHEEL_TEST_DEPS)
 	touch $@
 
-.venv-wheel-torch2.14/.deps:
-	test -x .venv-wheel-torch2.14/bin/python || $(PYTHON) -m venv .venv-wheel-torch2.14
-	.venv-wheel-torch2.14/bin/python -m pip install -q --no-compile torch==2.14.1 $(WHEEL_TEST_DEPS)
-	touch $@
-
-wheel-test: .venv-wheel-torch2.13/.deps .venv-wheel-torch2.14/.deps
+wheel-test: $(foreach v,$(WHEEL_TEST_TORCHES),.venv-wheel-torch$(v)/.deps)
 	@test -f $(DIST)/test/_C_cuda_cpu.so && ls $(DIST)/lesioncount-*.whl >/dev/null || { echo "run make wheel first"; exit 1; }
-	set -e; for venv in .venv-wheel-torch2.13 .venv-wheel-torch2.14; do \
+	set -e; for venv in $(foreach v,$(WHEEL_TEST_TORCHES),.venv-wheel-torch$(v)); do \
 	  echo "== $$venv: installing $$(ls $(DIST)/lesioncount-*.whl)"; \
 	  $$venv/bin/python -m pip install -q --force-reinstall --no-deps $(DIST)/lesioncount-*.whl; \
 	  $$venv/bin/python -c "import lesioncount, torch; print('torch', torch.__version__, lesioncount.build_info())"; \
@@ -152,5 +154,5 @@ bench: build
 	$(PY) -m pytest -q benchmarks/bench_label.py benchmarks/bench_count.py --benchmark-json=out/bench.json
 
 clean:
-	rm -rf build dist $(VENV) $(DEMO_VENV) $(INTEGRATION_VENV) $(WHEEL_VENV) .venv-wheel-torch2.13 .venv-wheel-torch2.14 \
+	rm -rf build dist $(VENV) $(DEMO_VENV) $(INTEGRATION_VENV) $(WHEEL_VENV) .venv-wheel-torch* \
 	    .pytest_cache .benchmarks .torchinductor_cache

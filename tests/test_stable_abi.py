@@ -99,6 +99,11 @@ def test_build_info_describes_the_loaded_libraries():
     assert re.fullmatch(r"\d+\.\d+\.\d+", info["built_against_torch"]), info
     if torch.version.cuda is None:
         assert not info["cuda_ops"] and info["cuda_ops_error"] == "this torch is a CPU-only build"
+    elif info["cuda_version"] and info["cuda_version"].split(".")[0] != torch.version.cuda.split(".")[0]:
+        # kernels built for another CUDA major version (e.g. CUDA 13 kernels under a cu128 torch): the CPU
+        # ops still load, the CUDA ones are refused with both versions named
+        assert not info["cuda_ops"], info
+        assert info["cuda_version"] in info["cuda_ops_error"] and torch.version.cuda in info["cuda_ops_error"], info
     elif info["cuda_version"]:
         # A build with CUDA kernels under a CUDA torch: they load even without a GPU, and every op has one.
         assert info["cuda_ops"], info["cuda_ops_error"]

@@ -63,11 +63,16 @@ def _load_cuda_library() -> bool:
                             "(built against a CPU-only torch or with LESIONCOUNT_CUDA=OFF): install the wheel, or "
                             "rebuild with LESIONCOUNT_CUDA=ON where nvcc is installed")
         return False
+    built = _built_with("CUDA_VERSION")
+    if built and built.split(".")[0] != torch.version.cuda.split(".")[0]:
+        # a second CUDA runtime of another major version in the process is not worth the risk
+        _CUDA_LOAD_ERROR = (f"the CUDA kernels were built with CUDA {built}, this torch uses CUDA {torch.version.cuda}: "
+                            f"use a CUDA {built.split('.')[0]} build of torch, or rebuild lesioncount from source")
+        return False
     try:
         torch.ops.load_library(spec.origin)
         return True
     except (OSError, RuntimeError) as exc:  # e.g. the CUDA runtime the kernels were built with is missing
-        built = _built_with("CUDA_VERSION")
         _CUDA_LOAD_ERROR = (f"could not load the CUDA kernels ({exc}); they were built with CUDA {built or '?'}, "
                             f"this torch uses CUDA {torch.version.cuda}")
         return False
