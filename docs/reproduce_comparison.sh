@@ -14,10 +14,11 @@
 # Environment (all optional):
 #   SOURCES="phantom anatomy"   data sources (default: phantom, plus anatomy when nilearn is installed)
 #   SEEDS="0 1"                 full-data seeds (default 0 1)
-#   LOW_SEEDS="0"               low-data seeds (default 0)
+#   LOW_SEEDS="0 1"             low-data seeds (default 0 1)
 #   JOBS=2                      trainings / evaluations run at once, one CPU thread each (default 2)
 #   CONFIG, LOW_CONFIG          training configs (GPU: configs/comparison_gpu.yaml, comparison_gpu_lowdata.yaml)
-#   FULL_TRAIN=64               --num-train of CONFIG: the low-data runs are scored on its test split
+#   FULL_TRAIN                  the low-data runs are scored on the test split of a run with this many
+#                               training cases (default: num_train of CONFIG)
 #   ATTACK_STEPS=10 MC_SAMPLES=50 THREADS=1 NICE=19 EVAL_DEVICE=cpu (auto on a GPU)
 # A model whose OUT_DIR already holds best.pt and a finished last.pt is not retrained (an interrupted
 # run is resumed), so the script can be rerun after an interruption. Logs: OUT_ROOT/logs/.
@@ -29,9 +30,8 @@ LC=${LESIONCOUNT:-.venv/bin/lesioncount}
 PY=${PYTHON:-.venv/bin/python}
 CONFIG=${CONFIG:-configs/comparison_cpu.yaml}
 LOW_CONFIG=${LOW_CONFIG:-configs/comparison_cpu_lowdata.yaml}
-FULL_TRAIN=${FULL_TRAIN:-64}
 SEEDS=${SEEDS:-"0 1"}
-LOW_SEEDS=${LOW_SEEDS:-"0"}
+LOW_SEEDS=${LOW_SEEDS:-"0 1"}
 JOBS=${JOBS:-2}
 THREADS=${THREADS:-1}
 NICE=${NICE:-19}
@@ -41,6 +41,9 @@ MC_SAMPLES=${MC_SAMPLES:-50}
 if [ -z "${SOURCES:-}" ]; then
   SOURCES="phantom"
   if $PY -c "import nilearn" 2>/dev/null; then SOURCES="phantom anatomy"; fi
+fi
+if [ -z "${FULL_TRAIN:-}" ]; then
+  FULL_TRAIN=$($PY -c "import sys; from lesioncount.train.config import load_config_file as f; print(f(sys.argv[1])['num_train'])" "$CONFIG")
 fi
 MODELS="post_hoc multitask bottleneck multihead downstream"
 mkdir -p "$OUT/logs"

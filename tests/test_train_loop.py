@@ -409,3 +409,46 @@ def test_output_prior_sets_the_head_bias_and_none_keeps_the_default_init(tmp_pat
     assert abs(float(trainer.model.head.bias)) < 1.0  # PyTorch's uniform init, bounded by 1/sqrt(fan_in)
     with pytest.raises(ConfigError, match="output_prior"):
         TrainConfig(**{**TINY, "output_prior": 1.5})
+
+
+# ------------------------------------------------------------------------------------------------
+# fixed-length epochs (samples_per_epoch)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size, samples", [(3, 7), (10, 4), (4, 4), (1, 5)])
+def test_fixed_length_sampler_draws_whole_passes_cut_to_length(size, samples):
+    sampler = loop.FixedLengthSampler(size, samples, seed=3)
+    sampler.set_epoch(2)
+    drawn = list(sampler)
+    assert len(drawn) == len(sampler) == samples
+    counts = np.bincount(drawn, minlength=size)
+    assert counts.max() - counts.min() <= 1  # as even as the length allows
+    assert drawn == list(sampler)  # the same epoch draws the same indices
+    sampler.set_epoch(3)
+    if size > 2:
+        assert list(sampler) != drawn  # another epoch, another shuffle
+
+
+def test_fixed_length_sampler_splits_one_draw_over_ranks():
+    whole = loop.FixedLengthSampler(5, 9, seed=1)
+    ranks = [loop.FixedLengthSampler(5, 9, num_replicas=2, rank=r, seed=1) for r in range(2)]
+    for s in [whole, *ranks]:
+        s.set_epoch(4)
+    assert [len(s) for s in ranks] == [5, 5]  # 9 rounded up to a multiple of 2
+    merged = [i for pair in zip(*[list(s) for s in ranks]) for i in pair]
+    assert merged[:9] == list(whole)
+    with pytest.raises(ValueError, match="samples_per_epoch"):
+        loop.FixedLengthSampler(5, 0)
+    with pytest.raises(ValueError, match="dataset_size"):
+        loop.FixedLengthSampler(0, 3)
+
+
+def test_samples_per_epoch_sets_the_steps_per_epoch(tmp_path):
+    with pytest.raises(ConfigError, match="samples_per_epoch"):
+        TrainConfig(**TINY, samples_per_epoch=-1)
+    assert config_from_args(_parse(["-o", "r", "--samples-per-epoch", "6"])).samples_per_epoch == 6
+    config = TrainConfig(**{**TINY, "num_train": 2, "epochs": 1}, samples_per_epoch=6, out_dir=str(tmp_path / "r"))
+    loop.train(config)
+    state = torch.load(tmp_path / "r" / "last.pt", map_location="cpu", weights_only=False)["optimizer"]["state"]
+    steps = {int(s["step"]) for s in state.values()}
+    assert steps == {3}  # 6 draws of the 2 cases, batch size 2 (one pass would be 1 step)

@@ -88,6 +88,9 @@ class TrainConfig:
     output_prior: float | None = 0.01
     # optimisation
     epochs: int = 100
+    # cases drawn per epoch; 0: one pass over the training set. A fixed number keeps the steps per
+    # epoch (and the schedules, which count epochs) independent of the training-set size.
+    samples_per_epoch: int = 0
     batch_size: int = 2
     lr: float = 1e-4
     weight_decay: float = 1e-5
@@ -161,6 +164,8 @@ class TrainConfig:
             raise ConfigError(f"`shape` {list(self.shape)} must be divisible by 2**(levels-1) = {factor} "
                               f"in every dimension for a UNet with {self.levels} levels")
         need(is_int(self.epochs) and self.epochs >= 1, "epochs", "an int >= 1")
+        need(is_int(self.samples_per_epoch) and self.samples_per_epoch >= 0, "samples_per_epoch",
+             "an int >= 0 (0: one pass over the training set)")
         need(is_int(self.batch_size) and self.batch_size >= 1, "batch_size", "an int >= 1")
         need(is_num(self.lr) and self.lr > 0, "lr", "a number > 0")
         need(is_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a number >= 0")
@@ -339,6 +344,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"initial foreground probability of the output (head bias = logit; default {d.output_prior})")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=S, help=f"total epochs (default {d.epochs})")
+    g.add_argument("--samples-per-epoch", type=int, default=S,
+                   help="cases drawn per epoch, whole shuffled passes cut to length (default 0: one pass "
+                        "over the training set)")
     g.add_argument("--batch-size", type=int, default=S, help=f"per-process batch size (default {d.batch_size})")
     g.add_argument("--lr", type=float, default=S, help=f"Adam learning rate (default {d.lr})")
     g.add_argument("--weight-decay", type=float, default=S, help=f"Adam weight decay (default {d.weight_decay})")

@@ -356,7 +356,7 @@ class EpochAugmented(Dataset):
 
 
 class EpochTaggedSampler(torch.utils.data.Sampler):
-    """Wraps a ``DistributedSampler`` and yields ``(epoch, index)`` pairs for :class:`EpochAugmented`.
+    """Wraps a ``DistributedSampler`` or :class:`FixedLengthSampler` and yields ``(epoch, index)`` pairs for :class:`EpochAugmented`.
 
     Example:
         >>> from torch.utils.data.distributed import DistributedSampler
@@ -379,6 +379,56 @@ class EpochTaggedSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(self.sampler)
+
+
+class FixedLengthSampler(torch.utils.data.Sampler):
+    """Draws ``samples_per_epoch`` training indices per epoch, as nnU-Net's fixed-length epochs do.
+
+    The indices are whole shuffled passes over the ``dataset_size`` cases, concatenated and cut at
+    ``samples_per_epoch`` (rounded up to a multiple of ``num_replicas``), so every case is drawn as
+    evenly as the length allows, whether the set is larger or smaller than an epoch. The shuffle
+    depends only on (``seed``, epoch), which keeps resumed and multi-process runs reproducible; rank
+    ``r`` takes positions ``r, r + num_replicas, ...``. With this sampler the number of optimiser steps
+    per epoch, and so the count-weight schedule in epochs, no longer depends on the training-set size
+    (used to compare full and low-data runs at the same training budget).
+
+    Args:
+        dataset_size: number of training cases, >= 1.
+        samples_per_epoch: cases drawn per epoch (over all ranks), >= 1.
+        num_replicas, rank: the process group (1, 0 without DDP).
+        seed: shuffle seed.
+
+    Example:
+        >>> s = FixedLengthSampler(3, samples_per_epoch=7, seed=0); s.set_epoch(0)
+        >>> sorted(list(s)[:6]) == [0, 0, 1, 1, 2, 2], len(s)
+        (True, 7)
+    """
+
+    def __init__(self, dataset_size: int, samples_per_epoch: int, num_replicas: int = 1, rank: int = 0,
+                 seed: int = 0) -> None:
+        if dataset_size < 1:
+            raise ValueError(f"FixedLengthSampler: dataset_size must be >= 1, got {dataset_size}")
+        if samples_per_epoch < 1:
+            raise ValueError(f"FixedLengthSampler: samples_per_epoch must be >= 1, got {samples_per_epoch}")
+        self.dataset_size = dataset_size
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        self.epoch = 0
+        self.total = -(-samples_per_epoch // num_replicas) * num_replicas
+        self.per_rank = self.total // num_replicas
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, 4))
+        passes = -(-self.total // self.dataset_size)
+        order = torch.cat([torch.randperm(self.dataset_size, generator=generator) for _ in range(passes)])
+        return iter(order[:self.total][self.rank::self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank
 
 
 def _shard(dataset: Dataset, ctx: DistContext) -> Dataset:
@@ -612,9 +662,13 @@ class Trainer:
 
         from torch.utils.data.distributed import DistributedSampler
 
-        self.sampler = EpochTaggedSampler(DistributedSampler(
-            self.train_set, num_replicas=self.ctx.world_size, rank=self.ctx.rank, shuffle=True, seed=config.seed,
-            drop_last=False))
+        if config.samples_per_epoch:  # fixed-length epochs (nnU-Net style), independent of the set size
+            base_sampler = FixedLengthSampler(len(self.train_set), config.samples_per_epoch,
+                                              num_replicas=self.ctx.world_size, rank=self.ctx.rank, seed=config.seed)
+        else:  # one pass over the training set per epoch
+            base_sampler = DistributedSampler(self.train_set, num_replicas=self.ctx.world_size, rank=self.ctx.rank,
+                                              shuffle=True, seed=config.seed, drop_last=False)
+        self.sampler = EpochTaggedSampler(base_sampler)
         pin = self.device.type == "cuda"
         loader_generator = torch.Generator().manual_seed(_mix_seed(config.seed, self.ctx.rank, 3))
         self.train_loader = DataLoader(self.train_set, batch_size=config.batch_size, sampler=self.sampler,
