@@ -303,8 +303,9 @@ def full_pmf_large(probs: torch.Tensor, max_count: int | None = None, log: bool 
       ones) are exactly 0 (-inf in log); the gradient of a -inf log bin is taken as 0.
 
     Example:
+        >>> import torch, lesioncount
         >>> full_pmf_large(torch.tensor([[0.5189, 0.7840]]), max_count=4)
-        tensor([[0.1039, 0.4892, 0.4068, 0.0000, 0.0000]])
+        tensor([[0.1039, 0.4893, 0.4068, 0.0000, 0.0000]])
     """
     _check(probs, from_logits)
     B, K = probs.shape

@@ -127,10 +127,11 @@ def count_distribution(
         :class:`CountResult`.
 
     Example:
+        >>> import torch, lesioncount
         >>> probs = torch.zeros(1, 8, 16, 16); probs[0, 2, 3, 3] = 0.5189; probs[0, 6, 12, 12] = 0.7840
         >>> r = lesioncount.count_distribution(probs, max_count=4)
         >>> r.pmf  # P(C=0), P(C=1), P(C=2), P(C=3), P(C>=4)
-        tensor([[0.1039, 0.4892, 0.4068, 0.0000, 0.0000]])
+        tensor([[0.1039, 0.4893, 0.4068, 0.0000, 0.0000]])
     """
     check_nonneg_int(min_size, "min_size")
     check_nonneg_int(max_count, "max_count", allow_none=True, maximum=MAX_SIZE_ARGUMENT)
@@ -210,6 +211,7 @@ def cc_count(input: torch.Tensor, threshold: float = 0.5, connectivity: int = 18
         (B,) int64 number of components per item.
 
     Example:
+        >>> import torch, lesioncount
         >>> lesioncount.cc_count(torch.rand(2, 8, 32, 32), threshold=0.99, connectivity=26)
         tensor([...])
     """

@@ -159,6 +159,7 @@ def scored_candidates(result, item: int = 0) -> Candidates:
         :class:`Candidates` (numpy).
 
     Example:
+        >>> import torch, lesioncount
         >>> r = lesioncount.count_distribution(torch.rand(1, 4, 8, 8), threshold=0.9)
         >>> scored_candidates(r).probs.shape == (int(r.num_lesions[0]),)
         True

@@ -22,6 +22,7 @@ def count_weight_schedule(epoch: int, w1: float = 1e-3, w2: float = 0.06, pretra
     runs were short; over nnU-Net's 1000 epochs an uncapped weight would reach ~1e20).
 
     Example:
+        >>> from lesioncount import count_weight_schedule
         >>> count_weight_schedule(4, pretrain_epochs=5), count_weight_schedule(5, pretrain_epochs=5)
         (0.0, 0.001)
         >>> count_weight_schedule(500, pretrain_epochs=5, max_weight=1.0)
@@ -110,6 +111,7 @@ def count_nll_terms(log_pmf: torch.Tensor, target) -> CountNLL:
         :class:`CountNLL` ``(nll, infeasible)``, both (B,).
 
     Example:
+        >>> import torch, lesioncount
         >>> log_pmf = torch.log(torch.tensor([[0.3, 0.7, 0.0], [0.2, 0.5, 0.3]]))   # M = 2
         >>> lesioncount.count_nll_terms(log_pmf, torch.tensor([2, 2]))
         CountNLL(nll=tensor([   inf, 1.2040]), infeasible=tensor([ True, False]))
@@ -150,6 +152,7 @@ def count_nll(log_pmf: torch.Tensor, target, reduction: str = "mean", ignore_inf
     ``ignore_infeasible=False`` keeps the strict NLL: the mean or sum is then +inf.
 
     Example:
+        >>> import torch, lesioncount
         >>> log_pmf = torch.log(torch.tensor([[0.1, 0.5, 0.4]]))
         >>> lesioncount.count_nll(log_pmf, torch.tensor([5]))  # 5 >= M=2: tail bin
         tensor(0.9163)
@@ -185,9 +188,10 @@ class CountLoss(torch.nn.Module):
     or (B,) with reduction="none" (+inf for infeasible items).
 
     Example:
+        >>> import torch, lesioncount
         >>> loss_fn = lesioncount.CountLoss(max_count=4, from_logits=True)
         >>> logits = torch.full((2, 1, 16, 32, 32), -5.0); logits[:, 0, 8, 16, 16] = 1.0
-        >>> logits.requires_grad_(True)
+        >>> _ = logits.requires_grad_(True)
         >>> loss = loss_fn(logits, torch.tensor([1, 3]))   # item 1: 3 lesions, 1 candidate: infeasible
         >>> loss, loss_fn.last_infeasible
         (tensor(0.3133, grad_fn=<DivBackward0>), tensor([False,  True]))

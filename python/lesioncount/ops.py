@@ -53,6 +53,7 @@ def label(input: torch.Tensor, threshold: float = 0.1, connectivity: int = 18, m
         ``num`` is int64 (B,) with K per item.
 
     Example:
+        >>> import torch, lesioncount
         >>> x = torch.zeros(1, 1, 5); x[0, 0, [0, 1, 3]] = 0.9
         >>> labels, num = lesioncount.label(x, 0.5, connectivity=8)
         >>> labels.tolist(), num.tolist()
@@ -98,6 +99,7 @@ def region_max(input: torch.Tensor, labels: torch.Tensor, num_regions: int | Non
         gradient of each value flows to its argmax voxel only.
 
     Example:
+        >>> import torch, lesioncount
         >>> x = torch.tensor([[0.2, 0.9, 0.4, 0.7]]); lab = torch.tensor([[1, 1, 0, 2]], dtype=torch.int32)
         >>> lesioncount.region_max(x, lab)
         (tensor([[0.9000, 0.7000]]), tensor([[1, 3]]))
@@ -154,8 +156,9 @@ def poisson_binomial(probs: torch.Tensor, max_count: int | None = None, log: boo
         ``probs``; O(K*M) time.
 
     Example:
+        >>> import torch, lesioncount
         >>> lesioncount.poisson_binomial(torch.tensor([[0.5189, 0.7840]]), max_count=4)
-        tensor([[0.1039, 0.4892, 0.4068, 0.0000, 0.0000]])
+        tensor([[0.1039, 0.4893, 0.4068, 0.0000, 0.0000]])
     """
     if not isinstance(probs, torch.Tensor):
         raise TypeError("`probs` must be a torch.Tensor")
