@@ -2,7 +2,8 @@
 
 Checks that the run finishes, that only rank 0 wrote files and printed, and that the result equals a
 single-process run on the same data: with dropout off, 2 ranks x batch 1 see exactly the batches of
-1 process x batch 2 (DistributedSampler interleaves the same permutation) and DDP averages the
+1 process x batch 2 (DistributedSampler, and FixedLengthSampler with ``samples_per_epoch``, interleave
+the same draw) and DDP averages the
 gradients of the per-rank mean losses, so weights agree up to float summation order, and the
 all-reduced validation metrics agree.
 """
@@ -33,11 +34,13 @@ def _rows(out: pathlib.Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def test_torchrun_two_cpu_processes_match_a_single_process_run(tmp_path):
+@pytest.mark.parametrize("samples_per_epoch", [0, 6], ids=["one-pass", "fixed-length"])
+def test_torchrun_two_cpu_processes_match_a_single_process_run(tmp_path, samples_per_epoch):
+    flags = {**FLAGS, "samples_per_epoch": samples_per_epoch}
     ddp_out = tmp_path / "ddp"
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             "-m", "lesioncount.train", "-o", str(ddp_out), "--batch-size", "1", "--no-progress"]
-    for key, value in FLAGS.items():
+    for key, value in flags.items():
         flag = "--" + key.replace("_", "-")
         argv += [flag, *map(str, value)] if isinstance(value, tuple) else [flag, str(value)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "python")}
@@ -57,12 +60,14 @@ def test_torchrun_two_cpu_processes_match_a_single_process_run(tmp_path):
 
     torch.set_num_threads(1)
     single_out = tmp_path / "single"
-    loop.train(TrainConfig(out_dir=str(single_out), batch_size=2, progress=False, **FLAGS))
+    loop.train(TrainConfig(out_dir=str(single_out), batch_size=2, progress=False, **flags))
     single_ckpt = torch.load(single_out / "last.pt", map_location="cpu", weights_only=False)
     # Adam divides by sqrt(v): where a gradient is ~0, summation-order noise can flip single steps of
     # size lr, so the bound on any weight is 2 * lr * steps; a genuinely different run moves most weights
     # by ~lr * steps, while here the typical difference is float noise.
-    steps = FLAGS["epochs"] * FLAGS["num_train"] // 2
+    steps = FLAGS["epochs"] * (samples_per_epoch or FLAGS["num_train"]) // 2
+    assert {int(s["step"]) for s in single_ckpt["optimizer"]["state"].values()} == {steps}
+    assert {int(s["step"]) for s in ddp_ckpt["optimizer"]["state"].values()} == {steps}
     diffs = torch.cat([(ddp_ckpt["model"][k] - v).abs().flatten() for k, v in single_ckpt["model"].items()
                        if v.is_floating_point()])
     assert float(diffs.max()) <= 2 * 1e-4 * steps
