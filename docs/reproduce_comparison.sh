@@ -43,7 +43,7 @@ if [ -z "${SOURCES:-}" ]; then
   if $PY -c "import nilearn" 2>/dev/null; then SOURCES="phantom anatomy"; fi
 fi
 if [ -z "${FULL_TRAIN:-}" ]; then
-  FULL_TRAIN=$($PY -c "import sys; from lesioncount.train.config import load_config_file as f; print(f(sys.argv[1])['num_train'])" "$CONFIG")
+  FULL_TRAIN=$($PY -c "import sys; from lesioncount.train.config import TrainConfig, load_config_file as f; print(TrainConfig(**f(sys.argv[1])).num_train)" "$CONFIG")
 fi
 MODELS="post_hoc multitask bottleneck multihead downstream"
 mkdir -p "$OUT/logs"

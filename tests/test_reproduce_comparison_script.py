@@ -3,8 +3,8 @@
 The documented command sequence of the count-method comparison (docs/REPRODUCTION.md) trains five
 models per data source and seed, evaluates each group (Table 1 with the attack and MC dropout, Table
 C.2 on the full runs' test cases) and pools the seeds into the docs' tables. This runs all of it with
-2-epoch models on 16x32x32 phantoms (about a minute on one core), including the resume rule: a second
-call retrains nothing.
+2-epoch models on 16x32x32 phantoms (80 s on the 2-core machine with two other jobs running),
+including the resume rule: a second call retrains nothing.
 """
 from __future__ import annotations
 

@@ -452,3 +452,17 @@ def test_samples_per_epoch_sets_the_steps_per_epoch(tmp_path):
     state = torch.load(tmp_path / "r" / "last.pt", map_location="cpu", weights_only=False)["optimizer"]["state"]
     steps = {int(s["step"]) for s in state.values()}
     assert steps == {3}  # 6 draws of the 2 cases, batch size 2 (one pass would be 1 step)
+
+
+def test_checkpoint_without_samples_per_epoch_resumes_as_one_pass_per_epoch(runs, tmp_path):
+    """A last.pt written before `samples_per_epoch` existed was trained with one pass per epoch: it
+    resumes under 0 and refuses a fixed epoch length."""
+    out = tmp_path / "old"
+    out.mkdir()
+    ckpt = torch.load(runs["resumed"] / "last.pt", map_location="cpu", weights_only=False)
+    del ckpt["config"]["samples_per_epoch"]
+    torch.save(ckpt, out / "last.pt")
+    with pytest.raises(ConfigError, match=r"samples_per_epoch: 0 -> 6"):
+        loop.train(TrainConfig(out_dir=str(out), **{**TINY, "epochs": 3}, samples_per_epoch=6), resume="last")
+    result = loop.train(TrainConfig(out_dir=str(out), **{**TINY, "epochs": 3}), resume="last")
+    assert result.last_epoch == 3

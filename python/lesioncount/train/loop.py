@@ -17,7 +17,8 @@ process's RNG state (dropout).
 
 Distributed data parallel: launched with ``torchrun``, the loop reads RANK / WORLD_SIZE /
 LOCAL_RANK, joins the process group (NCCL on CUDA, Gloo on CPU), shards the training set with a
-``DistributedSampler`` and the validation set without padding, all-reduces the validation sums, and
+``DistributedSampler`` (or, with ``samples_per_epoch``, :class:`FixedLengthSampler`) and the
+validation set without padding, all-reduces the validation sums, and
 lets only rank 0 write files (config.yaml, metrics.csv, tb/, last.pt, best.pt) and print.
 
 Example:
@@ -76,6 +77,9 @@ METRIC_COLUMNS = ("epoch", "train_loss", "seg_loss", "count_loss", "count_infeas
 
 # settings that may change between a run and its resumption (they do not change the results)
 _RESUMABLE_CHANGES = {"out_dir", "epochs", "progress", "log_every", "num_workers", "device"}
+# Settings added after checkpoints had been written: a saved config without the key was trained with
+# this value (the behaviour before the setting existed), so resuming compares against it.
+_VALUE_WHEN_ABSENT = {"samples_per_epoch": 0}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -725,7 +729,7 @@ class Trainer:
 
     def load_state_dict(self, ckpt: dict, source: str = "checkpoint") -> None:
         """Restore a :meth:`state_dict`; settings that change results must match the current config."""
-        saved = ckpt.get("config", {})
+        saved = {**_VALUE_WHEN_ABSENT, **ckpt.get("config", {})}
         current = self.config.to_dict()
         differing = sorted(k for k in current if k not in _RESUMABLE_CHANGES and k in saved and saved[k] != current[k])
         if differing:
