@@ -228,19 +228,23 @@ inline dim3 phase_grid(int64_t nblocks, int64_t batch) {
 inline dim3 scan_grid(int64_t ntiles) { return dim3(static_cast<unsigned>(ntiles)); }
 
 template <int Conn, typename index_t>
-cudaError_t launch_typed(const LabelShape& s, const void* input, DType type, double threshold,
-                         void* labels, int64_t* num, uint8_t* in_range, char* ws, cudaStream_t stream) {
+cudaError_t launch_typed(const LabelArgs& a, cudaStream_t stream) {
+  const LabelShape& s = a.shape;
+  const void* input = a.input;
+  const double threshold = a.threshold;
+  uint8_t* in_range = a.in_range;
+  char* ws = static_cast<char*>(a.workspace);
   const Layout l = make_layout(s);
   Problem<index_t> p;
   buf::set_shape(p, Conn, s.batch, s.depth, s.height, s.width, s.min_size);
   p.masks = reinterpret_cast<uint8_t*>(ws + l.masks);
-  p.parent = static_cast<index_t*>(labels);
+  p.parent = static_cast<index_t*>(a.labels);
   p.sizes = s.min_size > 1 ? reinterpret_cast<index_t*>(ws + l.sizes) : nullptr;
   p.roots = reinterpret_cast<uint32_t*>(ws + l.roots);
   p.offsets = reinterpret_cast<int64_t*>(ws + l.offsets);
   p.nan_flags = reinterpret_cast<int32_t*>(ws + l.nan_flags);
   p.in_range = in_range;
-  p.num = num;
+  p.num = a.num;
   int64_t* tile_sums = reinterpret_cast<int64_t*>(ws + l.tile_sums);
   const int64_t total_words = s.batch * l.words;
 
@@ -251,7 +255,7 @@ cudaError_t launch_typed(const LabelShape& s, const void* input, DType type, dou
 
   const dim3 grid = phase_grid(l.nblocks, s.batch);
   const float fbound = buf::float_bound_below(threshold);
-  switch (type) {
+  switch (a.input_type) {
     case DType::kBool:
     case DType::kUInt8:
       err = launch_kernel(init_kernel<Conn, index_t, FloatForeground<uint8_t>>, grid, kThreads, 0, stream, p,
@@ -297,11 +301,8 @@ cudaError_t launch_typed(const LabelShape& s, const void* input, DType type, dou
 }
 
 template <int Conn>
-cudaError_t launch_conn(const LabelShape& s, const void* input, DType type, double threshold,
-                        void* labels, int64_t* num, uint8_t* in_range, char* ws, cudaStream_t stream) {
-  if (label_is_wide(s))
-    return launch_typed<Conn, int64_t>(s, input, type, threshold, labels, num, in_range, ws, stream);
-  return launch_typed<Conn, int32_t>(s, input, type, threshold, labels, num, in_range, ws, stream);
+cudaError_t launch_conn(const LabelArgs& a, cudaStream_t stream) {
+  return label_is_wide(a.shape) ? launch_typed<Conn, int64_t>(a, stream) : launch_typed<Conn, int32_t>(a, stream);
 }
 
 }  // namespace
@@ -320,19 +321,12 @@ cudaError_t launch_label(const LabelArgs& a, cudaStream_t stream) {
   const LabelShape& s = a.shape;
   if (s.batch <= 0 || s.depth <= 0 || s.height <= 0 || s.width <= 0) return cudaErrorInvalidValue;
   if (a.workspace_bytes < label_workspace_bytes(s)) return cudaErrorInvalidValue;
-  char* ws = static_cast<char*>(a.workspace);
-  const void* input = a.input;
-  const DType type = a.input_type;
-  const double threshold = a.threshold;
-  void* labels = a.labels;
-  int64_t* num = a.num;
-  uint8_t* in_range = a.in_range;
   switch (s.connectivity) {
-    case 4: return launch_conn<4>(s, input, type, threshold, labels, num, in_range, ws, stream);
-    case 8: return launch_conn<8>(s, input, type, threshold, labels, num, in_range, ws, stream);
-    case 6: return launch_conn<6>(s, input, type, threshold, labels, num, in_range, ws, stream);
-    case 18: return launch_conn<18>(s, input, type, threshold, labels, num, in_range, ws, stream);
-    case 26: return launch_conn<26>(s, input, type, threshold, labels, num, in_range, ws, stream);
+    case 4: return launch_conn<4>(a, stream);
+    case 8: return launch_conn<8>(a, stream);
+    case 6: return launch_conn<6>(a, stream);
+    case 18: return launch_conn<18>(a, stream);
+    case 26: return launch_conn<26>(a, stream);
     default: return cudaErrorInvalidValue;
   }
 }

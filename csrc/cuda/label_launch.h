@@ -14,7 +14,6 @@
 namespace lesioncount {
 namespace cuda {
 
-
 struct LabelShape {
   int64_t batch;
   int64_t depth;   // 1 for 2D input

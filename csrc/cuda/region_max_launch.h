@@ -22,7 +22,6 @@
 namespace lesioncount {
 namespace cuda {
 
-
 // One-pass mode packs (order-preserving value bits << 32) | (0xFFFFFFFF - flat index) into one
 // 64-bit key and keeps the atomicMax per region. That needs values of at most 32 bits and flat
 // indices below 2^32. Otherwise (float64 values, or items of more than 2^32 voxels) two passes run:
